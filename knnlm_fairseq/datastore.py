@@ -1,0 +1,269 @@
+"""A self-describing datastore: fp16 keys and int32/int64 values as .npy files plus a manifest.
+
+Layout of a datastore directory:
+    keys.npy       (n, dim) float16 (or float32), memory-mapped on read
+    vals.npy       (n,) int32 (int64 for vocabularies >= 2**31), the next-token ids
+    manifest.json  count, dim, dtypes, key type, provenance; written last, so its presence marks completion
+"""
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+KEYS = "keys.npy"
+VALS = "vals.npy"
+FORMAT_VERSION = 1
+# .npy header room reserved up front: rows stream in before the final shape is known
+_HEADER_BYTES = 128
+
+
+class DatastoreError(ValueError):
+    """A datastore, index or request that cannot be used; the message names the fix."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dictionary_sha256(symbols) -> str:
+    """Identity of a vocabulary: its symbols in id order (counts do not change token ids)."""
+    return hashlib.sha256("\n".join(symbols).encode("utf-8")).hexdigest()
+
+
+def write_json_atomic(path: str, obj: Dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _npy_header(dtype: np.dtype, shape: Tuple[int, ...]) -> bytes:
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    body = repr(d).encode("latin1")
+    prefix = np.lib.format.MAGIC_PREFIX + bytes([1, 0])
+    pad = _HEADER_BYTES - len(prefix) - 2 - len(body) - 1
+    assert pad >= 0, "npy header does not fit the reserved bytes"
+    body = body + b" " * pad + b"\n"
+    return prefix + len(body).to_bytes(2, "little") + body
+
+
+def value_dtype(vocab_size: int) -> np.dtype:
+    # int16 overflows past 32767 ids (WikiText-103 has 267k); int32 covers any real vocabulary
+    return np.dtype(np.int32) if vocab_size < 2**31 else np.dtype(np.int64)
+
+
+class _StreamingNpy:
+    """Appends rows to a .npy file whose header is written when the row count is known."""
+
+    def __init__(self, path: str, dtype: np.dtype, row_shape: Tuple[int, ...]):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self.rows = 0
+        self.sha = hashlib.sha256()
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        assert arr.shape[1:] == self.row_shape, f"row shape {arr.shape[1:]} != {self.row_shape}"
+        buf = arr.tobytes()
+        self.f.write(buf)
+        self.sha.update(buf)
+        self.rows += arr.shape[0]
+
+    def close(self) -> None:
+        self.f.flush()
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, (self.rows,) + self.row_shape))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class DatastoreWriter:
+    """Streams (key, value) rows to disk; memory does not grow with the number of rows.
+
+    `meta` holds provenance (key_type, split, checkpoint, dictionary, context sizes); it lands in the manifest.
+    """
+
+    def __init__(self, path: str, dim: int, vocab_size: int, meta: Dict, key_dtype: str = "float16"):
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise DatastoreError(
+                f"{path} already holds a complete datastore; choose another --dstore-dir or delete it first"
+            )
+        os.makedirs(path, exist_ok=True)
+        self.path, self.dim, self.meta = path, dim, dict(meta)
+        self.key_dtype = np.dtype(key_dtype)
+        self.vocab_size = vocab_size
+        self.keys = _StreamingNpy(os.path.join(path, KEYS), self.key_dtype, (dim,))
+        self.vals = _StreamingNpy(os.path.join(path, VALS), value_dtype(vocab_size), ())
+        self.started = time.time()
+
+    @property
+    def count(self) -> int:
+        return self.vals.rows
+
+    def add(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """keys: (n, dim) float, vals: (n,) int token ids."""
+        keys = np.asarray(keys)
+        vals = np.asarray(vals)
+        if keys.ndim != 2 or keys.shape[1] != self.dim or vals.shape != (keys.shape[0],):
+            raise DatastoreError(f"expected keys (n, {self.dim}) and vals (n,), got {keys.shape} and {vals.shape}")
+        cast = keys.astype(self.key_dtype, copy=False)
+        if not np.isfinite(cast).all():
+            bad = int(self.count + np.flatnonzero(~np.isfinite(cast).all(axis=1))[0])
+            raise DatastoreError(
+                f"key row {bad} is inf/NaN as {self.key_dtype} (activation magnitude "
+                f"{float(np.abs(keys[np.isfinite(keys)]).max(initial=0)):.3g}); dump again with "
+                f"--dstore-key-dtype float32"
+            )
+        if vals.size and (vals.min() < 0 or vals.max() >= self.vocab_size):
+            raise DatastoreError(f"token ids outside [0, {self.vocab_size}) in values")
+        self.keys.append(cast)
+        self.vals.append(vals)
+
+    def close(self) -> Dict:
+        """Finish the arrays, then write the manifest (the commit point). Returns the manifest."""
+        if self.count == 0:
+            raise DatastoreError("no scored tokens were written: the split is empty; check --gen-subset and the data")
+        self.keys.close()
+        self.vals.close()
+        manifest = dict(self.meta)
+        manifest.update(
+            format_version=FORMAT_VERSION,
+            count=self.count,
+            dim=self.dim,
+            key_dtype=self.key_dtype.name,
+            val_dtype=self.vals.dtype.name,
+            vocab_size=self.vocab_size,
+            files={"keys": KEYS, "vals": VALS},
+            sha256={"keys": self.keys.sha.hexdigest(), "vals": self.vals.sha.hexdigest()},
+            fingerprint=hashlib.sha256(
+                (self.keys.sha.hexdigest() + self.vals.sha.hexdigest()).encode()
+            ).hexdigest(),
+            dump_seconds=round(time.time() - self.started, 3),
+        )
+        write_json_atomic(os.path.join(self.path, MANIFEST), manifest)
+        logger.info(f"datastore {self.path}: {self.count:,} entries of dim {self.dim} ({self.key_dtype.name})")
+        return manifest
+
+
+class Datastore:
+    """A finished datastore, memory-mapped: nothing is read until rows are indexed."""
+
+    def __init__(self, path: str, manifest: Dict, keys: np.ndarray, vals: np.ndarray):
+        self.path, self.manifest, self.keys, self.vals = path, manifest, keys, vals
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @classmethod
+    def open(cls, path: str, in_memory: bool = False) -> "Datastore":
+        mpath = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise DatastoreError(f"datastore directory {path} does not exist; dump one with --save-dstore first")
+        if not os.path.exists(mpath):
+            raise DatastoreError(
+                f"{path} has no {MANIFEST}: the dump did not finish (or this is not a datastore); run the dump again"
+            )
+        try:
+            with open(mpath) as f:
+                manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatastoreError(f"{mpath} is not valid JSON ({e}); re-run the dump") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DatastoreError(f"{mpath} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+        n, dim = manifest["count"], manifest["dim"]
+        mode = None if in_memory else "r"
+        arrays = {}
+        for name, shape, dtype in (("keys", (n, dim), manifest["key_dtype"]), ("vals", (n,), manifest["val_dtype"])):
+            fpath = os.path.join(path, manifest["files"][name])
+            try:
+                arr = np.load(fpath, mmap_mode=mode)
+            except (OSError, ValueError) as e:
+                raise DatastoreError(f"{fpath} is unreadable ({e}); the datastore is damaged, dump it again") from None
+            if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                raise DatastoreError(
+                    f"{fpath} holds {arr.dtype}{list(arr.shape)} but the manifest says {dtype}{list(shape)}; "
+                    f"the file is truncated or from another dump, dump it again"
+                )
+            arrays[name] = arr
+        return cls(path, manifest, arrays["keys"], arrays["vals"])
+
+    def verify(self) -> None:
+        """Re-hash both arrays against the manifest (reads every byte)."""
+        for name in ("keys", "vals"):
+            fpath = os.path.join(self.path, self.manifest["files"][name])
+            h = hashlib.sha256()
+            with open(fpath, "rb") as f:
+                f.seek(_HEADER_BYTES)
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            if h.hexdigest() != self.manifest["sha256"][name]:
+                raise DatastoreError(f"{fpath} does not match its checksum: the file is corrupted, dump it again")
+
+    def check_compatible(
+        self,
+        checkpoint_sha256: Optional[str] = None,
+        dictionary_sha256: Optional[str] = None,
+        key_type: Optional[str] = None,
+        dim: Optional[int] = None,
+    ) -> None:
+        """Refuse a datastore made with another model, vocabulary, key type or key size."""
+        m = self.manifest
+        if checkpoint_sha256 is not None and m["checkpoint"]["sha256"] != checkpoint_sha256:
+            raise DatastoreError(
+                f"datastore {self.path} was dumped with checkpoint {m['checkpoint']['path']} "
+                f"(sha256 {m['checkpoint']['sha256'][:12]}), not this one; dump a datastore with this --path"
+            )
+        if dictionary_sha256 is not None and m["dictionary"]["sha256"] != dictionary_sha256:
+            raise DatastoreError(
+                f"datastore {self.path} was dumped with another dictionary ({m['dictionary']['size']} symbols); "
+                f"binarize the data with the checkpoint's dict.txt (--srcdict) and dump again"
+            )
+        if key_type is not None and m["key_type"] != key_type:
+            raise DatastoreError(
+                f"datastore {self.path} holds '{m['key_type']}' keys but '{key_type}' was asked; "
+                f"pass --knn-keytype {m['key_type']} or dump again"
+            )
+        if dim is not None and self.dim != dim:
+            raise DatastoreError(
+                f"datastore {self.path} has keys of dim {self.dim} but the model gives {dim}; "
+                f"it belongs to another model, dump again"
+            )
+
+    def iter_keys(self, chunk: int = 1 << 16) -> Iterator[Tuple[int, np.ndarray]]:
+        """(start, float32 keys) in row order, chunk by chunk: never the whole array in memory."""
+        for start in range(0, self.count, chunk):
+            yield start, np.asarray(self.keys[start : start + chunk], dtype=np.float32)

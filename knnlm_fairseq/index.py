@@ -1,0 +1,202 @@
+"""FAISS indexes over a datastore: build from a factory string, load with checks, batched search."""
+import logging
+import os
+import re
+import time
+import warnings
+from typing import Dict, Optional, Tuple
+
+import faiss
+import numpy as np
+import torch
+
+from .datastore import Datastore, DatastoreError, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+DEFAULT_FACTORY = "IVF4096,PQ64"  # the paper's index
+# faiss warns below 39 training points per centroid; fewer points give empty, useless lists
+MIN_POINTS_PER_CENTROID = 39
+
+
+def scale_factory(factory: str, n_train: int) -> str:
+    """Shrink the IVF list count so each centroid gets enough training points (small datastores)."""
+
+    def shrink(m: re.Match) -> str:
+        nlist = int(m.group(2))
+        fitted = max(1, min(nlist, n_train // MIN_POINTS_PER_CENTROID))
+        return f"{m.group(1)}{fitted}"
+
+    return re.sub(r"(IVF)(\d+)", shrink, factory, count=1)
+
+
+def index_meta_path(index_path: str) -> str:
+    return index_path + ".json"
+
+
+def _sample_rows(dstore: Datastore, size: int, seed: int) -> np.ndarray:
+    if size >= dstore.count:
+        rows = np.arange(dstore.count)
+    else:
+        rows = np.sort(np.random.default_rng(seed).choice(dstore.count, size=size, replace=False))
+    return np.asarray(dstore.keys[rows], dtype=np.float32)  # (size, dim), one gather from the memmap
+
+
+def build_index(
+    dstore: Datastore,
+    index_path: str,
+    factory: str = DEFAULT_FACTORY,
+    metric: str = "l2",
+    train_size: int = 1_000_000,
+    add_chunk: int = 1_000_000,
+    seed: int = 1,
+    use_gpu: bool = False,
+    progress: bool = True,
+) -> Dict:
+    """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically."""
+    if metric not in METRICS:
+        raise DatastoreError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
+    n_train = min(train_size, dstore.count)
+    used = scale_factory(factory, n_train)
+    if used != factory:
+        logger.info(f"{factory} scaled to {used} for {n_train:,} training keys")
+    try:
+        index = faiss.index_factory(dstore.dim, used, METRICS[metric])
+    except RuntimeError as e:
+        raise DatastoreError(f"faiss cannot build '{used}' for dim {dstore.dim}: {str(e).splitlines()[-1]}") from None
+    work = index
+    if use_gpu:
+        work = faiss.index_cpu_to_all_gpus(index)
+    t0 = time.time()
+    if not index.is_trained:
+        work.train(_sample_rows(dstore, n_train, seed))
+    train_s = time.time() - t0
+    t0 = time.time()
+    from tqdm import tqdm
+
+    with tqdm(total=dstore.count, unit="key", disable=not progress, desc="add") as bar:
+        for _, keys in dstore.iter_keys(add_chunk):
+            work.add(keys)
+            bar.update(len(keys))
+    add_s = time.time() - t0
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(work)
+    tmp = f"{index_path}.tmp.{os.getpid()}"
+    faiss.write_index(index, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, index_path)
+    meta = {
+        "factory": factory,
+        "factory_used": used,
+        "metric": metric,
+        "ntotal": int(index.ntotal),
+        "dim": dstore.dim,
+        "train_size": n_train,
+        "seed": seed,
+        "train_s": round(train_s, 3),
+        "add_s": round(add_s, 3),
+        "dstore": {"path": os.path.abspath(dstore.path), "count": dstore.count, "fingerprint": dstore.fingerprint},
+    }
+    write_json_atomic(index_meta_path(index_path), meta)
+    logger.info(f"index {index_path}: {used}, {index.ntotal:,} keys, train {train_s:.1f}s, add {add_s:.1f}s")
+    return meta
+
+
+def load_index(index_path: str, dstore: Datastore) -> Tuple[faiss.Index, Dict]:
+    """Load an index and refuse it unless it was built over exactly this datastore."""
+    import json
+
+    mpath = index_meta_path(index_path)
+    if not os.path.exists(index_path) or not os.path.exists(mpath):
+        raise DatastoreError(f"no index at {index_path} (with {os.path.basename(mpath)}); run knnlm-build-index first")
+    with open(mpath) as f:
+        meta = json.load(f)
+    if meta["dstore"]["fingerprint"] != dstore.fingerprint or meta["ntotal"] != dstore.count:
+        raise DatastoreError(
+            f"index {index_path} was built for another datastore ({meta['ntotal']:,} keys from "
+            f"{meta['dstore']['path']}); rebuild it with knnlm-build-index {dstore.path}"
+        )
+    try:
+        index = faiss.read_index(index_path)
+    except RuntimeError as e:
+        raise DatastoreError(f"{index_path} is not a readable faiss index ({str(e).splitlines()[-1]}); rebuild it") from None
+    if index.ntotal != dstore.count or index.d != dstore.dim:
+        raise DatastoreError(f"index {index_path} holds {index.ntotal} x {index.d}, not the datastore's shape; rebuild it")
+    return index, meta
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index: nothing to probe
+
+
+class Retriever:
+    """k nearest datastore entries for a batch of queries, with faiss or exact (recomputed) distances.
+
+    Distances are "smaller is closer": squared L2, or the negated inner product.
+    """
+
+    def __init__(self, dstore: Datastore, index: faiss.Index, metric: str, k: int, exact: bool = True,
+                 chunk_floats: int = 1 << 22):
+        if k < 1:
+            raise DatastoreError(f"k must be >= 1, got {k}")
+        if k > dstore.count:
+            raise DatastoreError(f"k={k} exceeds the datastore's {dstore.count:,} entries; pass a smaller --k")
+        self.dstore, self.index, self.metric, self.k, self.exact = dstore, index, metric, k, exact
+        # torch views of the memmaps: index_select gathers rows in parallel, unlike numpy fancy indexing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write through these
+            self.keys = torch.from_numpy(np.asarray(dstore.keys))  # (n, dim) float16
+            self.vals = torch.from_numpy(np.asarray(dstore.vals)).long()  # (n,) small: held in memory
+        self.chunk_floats = chunk_floats  # floats per exact-distance chunk: 16 MB stays in cache
+
+    def search(self, queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries: (N, dim). Returns dists (N, k) float32 and vals (N, k) int64 on the queries' device."""
+        q = queries.detach().float().cpu().contiguous()  # (N, dim)
+        D, I = self.index.search(q.numpy(), self.k)  # one faiss call for the whole batch
+        ids = torch.from_numpy(I)
+        valid = ids >= 0
+        ids = ids.clamp_min(0)
+        vals = self.vals.index_select(0, ids.view(-1)).view(ids.shape)  # (N, k)
+        if self.exact:
+            dists = self.exact_dists(q, ids)
+        else:
+            dists = torch.from_numpy(D)
+            if self.metric == "ip":
+                dists = -dists
+        dists = dists.masked_fill(~valid, float("inf"))
+        return dists.to(queries.device), vals.to(queries.device)
+
+    def exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Distances from the stored keys: one gather per chunk of queries, bounded memory. (N, k)"""
+        n, k = ids.shape
+        out = torch.empty(n, k)
+        step = max(1, self.chunk_floats // (k * self.dstore.dim))
+        for s in range(0, n, step):
+            qs = q[s : s + step]  # (c, dim)
+            keys = self.keys.index_select(0, ids[s : s + step].reshape(-1)).view(-1, k, self.dstore.dim).float()
+            dots = torch.bmm(keys, qs.unsqueeze(-1)).squeeze(-1)  # (c, k)
+            if self.metric == "l2":
+                sq = torch.linalg.vector_norm(keys, dim=-1).square_() + qs.square().sum(-1, keepdim=True)
+                out[s : s + step] = (sq - 2 * dots).clamp_min_(0)
+            else:
+                out[s : s + step] = -dots
+        return out
+
+
+def open_retriever(dstore_dir: str, index_file: str, k: int, nprobe: int, exact: bool,
+                   metric: Optional[str] = None) -> Retriever:
+    dstore = Datastore.open(dstore_dir)
+    index_path = index_file if os.path.isabs(index_file) else os.path.join(dstore_dir, index_file)
+    index, meta = load_index(index_path, dstore)
+    if metric is not None and metric != meta["metric"]:
+        raise DatastoreError(
+            f"index {index_path} was built for '{meta['metric']}' similarity, not '{metric}'; "
+            f"pass --knn-sim {meta['metric']} or rebuild with --metric {metric}"
+        )
+    set_nprobe(index, nprobe)
+    return Retriever(dstore, index, meta["metric"], k, exact)

@@ -1,0 +1,80 @@
+"""KnnLM: wraps any fairseq language model so that its normalized probabilities are kNN-LM's.
+
+fairseq's SequenceScorer (behind fairseq-eval-lm) calls `model(**net_input)` and then
+`model.get_normalized_probs(...)`, possibly on chunks of positions (--softmax-batch). Keys are captured
+by a forward hook during the first call and consumed in order by the second, so every scored
+position meets exactly its own key.
+"""
+import logging
+import time
+from typing import Optional
+
+import torch
+from fairseq.models import BaseFairseqModel
+
+from .. import knn
+from ..keys import KeyCapture
+
+logger = logging.getLogger(__name__)
+
+
+class KnnLM(BaseFairseqModel):
+    """An LM plus, optionally, a datastore writer (dump) and a retriever (interpolation)."""
+
+    def __init__(self, lm: BaseFairseqModel, key_type: str, pad: int, vocab_size: int,
+                 retriever=None, lmbda: float = 0.0, temp: float = 1.0):
+        super().__init__()
+        self.lm = lm
+        self.capture = KeyCapture(lm.decoder, key_type)
+        self.pad, self.vocab_size = pad, vocab_size
+        self.retriever, self.lmbda, self.temp = retriever, lmbda, temp
+        self.writer = None  # set by the task once the split is known
+        self._keys: Optional[torch.Tensor] = None
+        self._cursor = 0
+        self.knn_seconds = 0.0
+        self.knn_queries = 0
+
+    @property
+    def decoder(self):
+        return self.lm.decoder
+
+    def forward(self, *args, **kwargs):
+        out = self.lm(*args, **kwargs)
+        keys = self.capture.keys  # (B, T, C)
+        self._keys = keys.reshape(-1, keys.size(-1))  # (B*T, C), the order --softmax-batch chunks in
+        self._cursor = 0
+        return out
+
+    def max_positions(self):
+        return self.lm.max_positions()
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        return self.lm.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+    def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
+        lm_lp = self.lm.get_normalized_probs(net_output, log_probs=True, sample=sample)  # (B', T', V)
+        n = lm_lp.size(0) * lm_lp.size(1)
+        keys = self._keys[self._cursor : self._cursor + n]  # (n, C)
+        self._cursor += n
+        assert keys.size(0) == n, "get_normalized_probs called for more positions than the forward produced"
+        target = sample.get("target") if sample is not None else None
+        if target is not None:
+            scored = target.reshape(-1).ne(self.pad)  # (n,) context-window and padding positions are False
+        else:
+            scored = torch.ones(n, dtype=torch.bool, device=keys.device)
+        if self.writer is not None and target is not None:
+            self.writer.add(keys[scored].float().cpu().numpy(), target.reshape(-1)[scored].cpu().numpy())
+        lp = lm_lp
+        if self.retriever is not None and self.lmbda > 0 and scored.any():
+            t0 = time.perf_counter()
+            dists, vals = self.retriever.search(keys[scored])  # (N, k) each, one search for the batch
+            flat = lm_lp.reshape(n, -1).float()  # (n, V): a fresh tensor of ours, safe to overwrite
+            rows = flat[scored]  # (N, V)
+            mixed = knn.interpolate_full(rows, dists, vals, self.lmbda, self.temp)
+            # a query with no neighbour at all (empty IVF lists) keeps the LM distribution
+            found = torch.isfinite(dists).any(-1, keepdim=True)
+            flat[scored] = torch.where(found, mixed, rows)
+            lp = flat.view_as(lm_lp).to(lm_lp.dtype)
+            self.knn_seconds += time.perf_counter() - t0
+            self.knn_queries += int(scored.sum())
+        return lp if log_probs else lp.exp()

@@ -1,0 +1,1 @@
+from . import knn_eval  # noqa: F401  (registers the knn_eval task)

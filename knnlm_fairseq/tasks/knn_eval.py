@@ -1,0 +1,174 @@
+"""knn_eval: language modeling whose models dump a datastore (--save-dstore) or score as kNN-LM (--knnlm).
+
+Both run under stock fairseq-eval-lm, so keys are computed with exactly the blocks and context
+window that evaluation scores, and every scored target lands in the datastore once.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import __version__ as fairseq_version
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from omegaconf import II
+
+from ..checkpoints import checkpoint_identity
+from ..datastore import Datastore, DatastoreError, DatastoreWriter, dictionary_sha256
+from ..index import open_retriever
+from ..keys import KEY_TYPES, key_dim
+from ..models.knnlm import KnnLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KnnEvalConfig(LanguageModelingConfig):
+    knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with kNN retrieval from --dstore-dir"})
+    save_dstore: bool = field(
+        default=False, metadata={"help": "write a datastore of (key, next token) for every scored token to --dstore-dir"}
+    )
+    dstore_dir: Optional[str] = field(default=None, metadata={"help": "datastore directory"})
+    index_file: str = field(
+        default="index.faiss", metadata={"help": "faiss index, relative to --dstore-dir unless absolute"}
+    )
+    k: int = field(default=1024, metadata={"help": "neighbours retrieved per token"})
+    lmbda: float = field(default=0.25, metadata={"help": "weight of p_kNN in the interpolation"})
+    knn_temp: float = field(default=1.0, metadata={"help": "temperature T in p_kNN ∝ exp(-d/T)"})
+    probe: int = field(default=32, metadata={"help": "IVF lists visited per query (faiss nprobe)"})
+    knn_sim: Optional[ChoiceEnum(["l2", "ip"])] = field(
+        default=None, metadata={"help": "similarity: squared L2 or inner product (default: the index's own)"}
+    )
+    knn_dist: ChoiceEnum(["exact", "approx"]) = field(
+        default="exact",
+        metadata={"help": "exact: recompute distances from the stored keys (paper: 16.06 vs 16.5 ppl); approx: faiss's"},
+    )
+    knn_keytype: ChoiceEnum(list(KEY_TYPES)) = field(
+        default="last_ffn_input", metadata={"help": "decoder activation used as key and query"}
+    )
+    dstore_key_dtype: ChoiceEnum(["float16", "float32"]) = field(
+        default="float16", metadata={"help": "storage type of dumped keys"}
+    )
+    # owned by other groups: where the model came from (datastore provenance and checks)
+    checkpoint_path: Optional[str] = II("common_eval.path")
+
+
+@register_task("knn_eval", dataclass=KnnEvalConfig)
+class KnnEvalTask(LanguageModelingTask):
+    def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        super().__init__(args, dictionary, output_dictionary, targets)
+        if args.knnlm and args.save_dstore:
+            raise DatastoreError("--knnlm and --save-dstore are separate runs; pass one of them")
+        if (args.knnlm or args.save_dstore) and not args.dstore_dir:
+            raise DatastoreError("--knnlm and --save-dstore need --dstore-dir DIR")
+        if args.knnlm and not 0.0 <= args.lmbda <= 1.0:
+            raise DatastoreError(f"--lmbda must be in [0, 1], got {args.lmbda}")
+        if args.knnlm and args.knn_temp <= 0:
+            raise DatastoreError(f"--knn-temp must be > 0, got {args.knn_temp}")
+        if args.save_dstore and os.path.exists(os.path.join(args.dstore_dir, "manifest.json")):
+            raise DatastoreError(f"{args.dstore_dir} already holds a datastore; pass a new --dstore-dir")
+        self.knn_models = []
+
+    def _checkpoint(self):
+        path = self.args.checkpoint_path
+        if path is None or os.pathsep in path:
+            raise DatastoreError("kNN-LM works with exactly one checkpoint in --path")
+        return checkpoint_identity(path)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if not (self.args.knnlm or self.args.save_dstore):
+            return model
+        key_type = str(self.args.knn_keytype)
+        retriever = None
+        if self.args.knnlm:
+            retriever = open_retriever(
+                self.args.dstore_dir, self.args.index_file, self.args.k, self.args.probe,
+                exact=self.args.knn_dist == "exact", metric=None if self.args.knn_sim is None else str(self.args.knn_sim),
+            )
+            retriever.dstore.check_compatible(
+                checkpoint_sha256=self._checkpoint()["sha256"],
+                dictionary_sha256=dictionary_sha256(self.dictionary.symbols),
+                key_type=key_type,
+                dim=key_dim(model.decoder, key_type),
+            )
+            logger.info(
+                f"kNN-LM: {retriever.dstore.count:,} entries, k={self.args.k}, lmbda={self.args.lmbda}, "
+                f"T={self.args.knn_temp}, nprobe={self.args.probe}, {retriever.metric}, {self.args.knn_dist} distances"
+            )
+        wrapped = KnnLM(model, key_type, self.dictionary.pad(), len(self.dictionary), retriever,
+                        self.args.lmbda, self.args.knn_temp)
+        self.knn_models.append(wrapped)
+        return wrapped
+
+    def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
+        itr = super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
+        if self.args.save_dstore:
+            split = next((name for name, ds in self.datasets.items() if ds is dataset), None)
+            self._start_dump(split, context_window)
+        return _ThenFinish(itr, self._finish)
+
+    def _start_dump(self, split: Optional[str], context_window: int) -> None:
+        import torch
+
+        if len(self.knn_models) != 1:
+            raise DatastoreError("--save-dstore dumps exactly one model; pass one checkpoint in --path")
+        model = self.knn_models[0]
+        meta = {
+            "key_type": str(self.args.knn_keytype),
+            "split": split,
+            "data": os.path.abspath(self.args.data),
+            "context_window": context_window,
+            # fairseq-eval-lm subtracts the context window from --tokens-per-sample before the task sees it
+            "tokens_per_sample": self.args.tokens_per_sample + context_window,
+            "scored_tokens_per_block": self.args.tokens_per_sample,
+            "sample_break_mode": str(self.args.sample_break_mode),
+            "checkpoint": self._checkpoint(),
+            "dictionary": {"size": len(self.dictionary), "sha256": dictionary_sha256(self.dictionary.symbols)},
+            "versions": {"fairseq": fairseq_version, "torch": torch.__version__},
+        }
+        model.writer = DatastoreWriter(
+            self.args.dstore_dir, key_dim(model.decoder, str(self.args.knn_keytype)), len(self.dictionary), meta,
+            key_dtype=str(self.args.dstore_key_dtype),
+        )
+
+    def _finish(self) -> None:
+        for model in self.knn_models:
+            if model.writer is not None:
+                model.writer.close()
+                model.writer = None
+            if model.knn_queries:
+                logger.info(
+                    f"kNN retrieval: {model.knn_queries:,} queries in {model.knn_seconds:.1f}s "
+                    f"({model.knn_queries / max(model.knn_seconds, 1e-9):,.0f} queries/s)"
+                )
+
+
+class _ThenFinish:
+    """Delegates to an epoch iterator and calls `on_end` once it is exhausted (never on an error)."""
+
+    def __init__(self, itr, on_end):
+        self.itr, self.on_end, self.done = itr, on_end, False
+
+    def __len__(self):
+        return len(self.itr)
+
+    @property
+    def n(self):
+        return self.itr.n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.itr)
+        except StopIteration:
+            if not self.done:
+                self.done = True
+                self.on_end()
+            raise
+
+
+__all__ = ["KnnEvalConfig", "KnnEvalTask", "Datastore"]
