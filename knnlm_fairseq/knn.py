@@ -12,7 +12,12 @@ def knn_scores(dists: torch.Tensor, temp: float) -> torch.Tensor:
     """log of each neighbour's normalized weight, (N, k); -inf for missing neighbours."""
     if temp <= 0:
         raise ValueError(f"kNN temperature must be > 0, got {temp}")
-    logits = (-dists.float() / temp).masked_fill(~torch.isfinite(dists), float("-inf"))  # (N, k)
+    found = torch.isfinite(dists)
+    d = dists.float().masked_fill(~found, float("inf"))
+    # shift by each row's nearest distance first: -(d - d_min)/T is exact where -d/T would round at large |d|
+    d_min = d.amin(dim=-1, keepdim=True)
+    d_min = d_min.masked_fill(~torch.isfinite(d_min), 0.0)
+    logits = (-(d - d_min) / temp).masked_fill(~found, float("-inf"))  # (N, k)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1); -inf where nothing was found
     return logits - lse.masked_fill(~torch.isfinite(lse), 0.0)
 

@@ -1,0 +1,71 @@
+# knnlm_fairseq — kNN-LM on stock fairseq CLIs.  `make install`, `make test`, `make demo`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+FAISS ?= faiss-cpu
+SHARED ?= ../shared
+
+# The embedded default: WikiText-2 and a small CPU checkpoint trained on it (../shared when present).
+WT2_DIR ?= $(SHARED)/data/wikitext-2
+WT2_URL ?= https://wikitext.smerity.com/wikitext-2-v1.zip
+CKPT ?= $(SHARED)/models/wt2-small/checkpoint.pt
+CKPT_DICT ?= $(dir $(CKPT))dict.txt
+WT2_BIN ?= data-bin/wikitext-2
+DEMO_OUT ?= results/demo
+DEMO_DSTORE ?= dstore/wikitext-2-train
+DEMO_ARGS ?=
+
+.PHONY: install test test-unit demo lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install "$(FAISS)" -e ".[test,lint]"
+	$(BIN)/python -c "import fairseq, faiss, torch, knnlm_fairseq; print('fairseq', fairseq.__version__, 'torch', torch.__version__, 'faiss', faiss.__version__)"
+
+test:
+	$(BIN)/python -m pytest -q tests
+
+test-unit:
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+lint:
+	$(BIN)/ruff check knnlm_fairseq scripts tests
+
+# ---- data: ../shared's copy, or the public mirror ----------------------------------------------
+data/wikitext-2/wiki.train.tokens:
+	mkdir -p data
+	curl -fL --retry 3 -o data/wikitext-2-v1.zip "$(WT2_URL)"
+	cd data && unzip -oq wikitext-2-v1.zip
+
+ifeq ($(wildcard $(WT2_DIR)/wiki.train.tokens),)
+WT2_DIR := data/wikitext-2
+WT2_DEPS := data/wikitext-2/wiki.train.tokens
+endif
+
+ifeq ($(wildcard $(CKPT)),)
+# No shipped checkpoint: train the small model from config/ (about 1.6 h on 2 CPU cores).
+CKPT := checkpoints/wt2-small/checkpoint_best.pt
+CKPT_DICT := $(WT2_BIN)/dict.txt
+$(CKPT): $(WT2_BIN)/.done
+	$(BIN)/fairseq-hydra-train --config-dir config --config-name wt2_small \
+		task.data=$(abspath $(WT2_BIN)) checkpoint.save_dir=$(abspath $(dir $(CKPT))) \
+		common.user_dir=$(abspath knnlm_fairseq)
+endif
+
+$(WT2_BIN)/.done: $(WT2_DEPS)
+	rm -rf $(WT2_BIN)
+	$(BIN)/fairseq-preprocess --only-source $(if $(wildcard $(CKPT_DICT)),--srcdict $(CKPT_DICT)) \
+		--trainpref $(WT2_DIR)/wiki.train.tokens --validpref $(WT2_DIR)/wiki.valid.tokens \
+		--testpref $(WT2_DIR)/wiki.test.tokens --destdir $(WT2_BIN) --workers 2
+	touch $@
+
+demo: $(WT2_BIN)/.done $(CKPT)
+	$(BIN)/python scripts/demo.py --data-bin $(WT2_BIN) --checkpoint $(CKPT) \
+		--dstore-dir $(DEMO_DSTORE) --out $(DEMO_OUT) $(DEMO_ARGS)
+
+clean:
+	rm -rf $(DEMO_OUT) $(DEMO_DSTORE)

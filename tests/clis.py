@@ -1,0 +1,51 @@
+"""Running the real CLIs (stock fairseq and ours) in subprocesses, and reading what they report."""
+import os
+import re
+import subprocess
+import sys
+
+BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(ROOT, "knnlm_fairseq")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+WT2_RAW = os.path.join(SHARED, "data", "wikitext-2")
+WT2_CKPT = os.path.join(SHARED, "models", "wt2-small", "checkpoint.pt")
+
+_LOSS = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
+_EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens")
+
+
+def run_cli(name: str, *args, check: bool = True, env=None, cwd=None) -> subprocess.CompletedProcess:
+    cmd = [os.path.join(BIN, name)] + [str(a) for a in args]
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PATH"] = BIN + os.pathsep + full_env.get("PATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd)
+    proc.output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.output[-4000:]}")
+    return proc
+
+
+def loss_and_ppl(output: str):
+    loss, ppl = _LOSS.findall(output)[-1]
+    return float(loss), float(ppl)
+
+
+def evaluated_tokens(output: str) -> int:
+    return int(_EVALUATED.findall(output)[-1].replace(",", ""))
+
+
+def binarize_wt2_slice(dest: str, train_lines: int, valid_lines: int) -> str:
+    """The first lines of WikiText-2 train/valid, binarized with the shipped checkpoint's dictionary."""
+    os.makedirs(dest, exist_ok=True)
+    for split, n in (("train", train_lines), ("valid", valid_lines)):
+        with open(os.path.join(WT2_RAW, f"wiki.{split}.tokens")) as f, open(os.path.join(dest, f"{split}.txt"), "w") as o:
+            for i, line in enumerate(f):
+                if i >= n:
+                    break
+                o.write(line)
+    bin_dir = os.path.join(dest, "bin")
+    run_cli("fairseq-preprocess", "--only-source", "--srcdict", os.path.join(os.path.dirname(WT2_CKPT), "dict.txt"),
+            "--trainpref", os.path.join(dest, "train.txt"), "--validpref", os.path.join(dest, "valid.txt"),
+            "--destdir", bin_dir, "--workers", "1")
+    return bin_dir

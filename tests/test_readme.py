@@ -1,0 +1,66 @@
+"""The README's commands, run exactly as written, with their variables pointed at a WikiText-2 slice."""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from clis import BIN, ROOT, WT2_CKPT, WT2_RAW, loss_and_ppl
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists(WT2_CKPT), reason="../shared/models/wt2-small is not present")]
+
+
+def readme_block(name: str) -> str:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", text, re.S)
+    assert m, f"README has no block marked readme-test: {name}"
+    return m.group(1)
+
+
+def run_block(name: str, **env) -> str:
+    full = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **env)
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_block(name)], cwd=ROOT, env=full,
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"README block '{name}' failed:\n{out[-4000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def wt2_slice(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme")
+    raw = root / "raw"
+    raw.mkdir()
+    for split, n in (("train", 300), ("valid", 120), ("test", 60)):
+        with open(os.path.join(WT2_RAW, f"wiki.{split}.tokens")) as f:
+            (raw / f"wiki.{split}.tokens").write_text("".join(line for _, line in zip(range(n), f)))
+    data = root / "data-bin"
+    run_block("preprocess", RAW=str(raw), CKPT=WT2_CKPT, DATA=str(data))
+    return root, data
+
+
+def test_preprocess_block_binarizes_with_the_checkpoint_dictionary(wt2_slice):
+    _, data = wt2_slice
+    assert (data / "train.bin").exists() and (data / "valid.bin").exists() and (data / "test.bin").exists()
+    shipped = open(os.path.join(os.path.dirname(WT2_CKPT), "dict.txt")).read()
+    assert (data / "dict.txt").read_text() == shipped
+
+
+def test_train_block_trains_a_registered_architecture(wt2_slice):
+    root, data = wt2_slice
+    run_block("train", DATA=str(data), EPOCHS="1", SAVE=str(root / "ckpt"))
+    assert (root / "ckpt" / "checkpoint_last.pt").exists()
+
+
+def test_knnlm_block_dumps_indexes_and_evaluates(wt2_slice):
+    root, data = wt2_slice
+    dstore = root / "dstore"
+    out = run_block("knnlm", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(dstore))
+    manifest = json.loads((dstore / "manifest.json").read_text())
+    assert manifest["split"] == "train" and manifest["count"] > 1024
+    assert (dstore / "index.faiss").exists()
+    assert "kNN-LM:" in out  # the interpolating run, not a plain one
+    _, ppl = loss_and_ppl(out)
+    assert 1 < ppl < 10_000
