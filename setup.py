@@ -9,7 +9,6 @@ setup(
     install_requires=[
         "torch>=2.6",
         "ve-fairseq==0.12.3",
-        "faiss-cpu>=1.8",
         "numpy>=1.24",
         "hydra-core>=1.0.7",
         "omegaconf",
@@ -17,10 +16,12 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"], "lint": ["ruff"]},
+    # faiss comes from the Makefile (FAISS=faiss-cpu, or faiss-gpu on CUDA machines): pip cannot pick one for you
+    extras_require={"test": ["pytest"], "lint": ["ruff"], "cpu": ["faiss-cpu>=1.8"]},
     entry_points={
         "console_scripts": [
             "knnlm-build-index = knnlm_fairseq.cli.build_index:main",
+            "knnlm-sweep = knnlm_fairseq.cli.sweep:main",
         ]
     },
 )

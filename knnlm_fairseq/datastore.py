@@ -75,7 +75,7 @@ def value_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int32) if vocab_size < 2**31 else np.dtype(np.int64)
 
 
-class _StreamingNpy:
+class StreamingNpy:
     """Appends rows to a .npy file whose header is written when the row count is known."""
 
     def __init__(self, path: str, dtype: np.dtype, row_shape: Tuple[int, ...]):
@@ -117,8 +117,8 @@ class DatastoreWriter:
         self.path, self.dim, self.meta = path, dim, dict(meta)
         self.key_dtype = np.dtype(key_dtype)
         self.vocab_size = vocab_size
-        self.keys = _StreamingNpy(os.path.join(path, KEYS), self.key_dtype, (dim,))
-        self.vals = _StreamingNpy(os.path.join(path, VALS), value_dtype(vocab_size), ())
+        self.keys = StreamingNpy(os.path.join(path, KEYS), self.key_dtype, (dim,))
+        self.vals = StreamingNpy(os.path.join(path, VALS), value_dtype(vocab_size), ())
         self.started = time.time()
 
     @property

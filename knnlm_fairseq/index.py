@@ -154,21 +154,25 @@ class Retriever:
             self.vals = torch.from_numpy(np.asarray(dstore.vals)).long()  # (n,) small: held in memory
         self.chunk_floats = chunk_floats  # floats per exact-distance chunk: 16 MB stays in cache
 
-    def search(self, queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries: (N, dim). Returns dists (N, k) float32 and vals (N, k) int64 on the queries' device."""
+    def search(self, queries: torch.Tensor, both: bool = False):
+        """queries: (N, dim). Returns dists (N, k) float32 and vals (N, k) int64 on the queries' device.
+
+        With both=True: (approx dists, exact dists, vals) on the CPU, for a retrieval log.
+        """
         q = queries.detach().float().cpu().contiguous()  # (N, dim)
         D, I = self.index.search(q.numpy(), self.k)  # one faiss call for the whole batch
         ids = torch.from_numpy(I)
-        valid = ids >= 0
+        missing = ids < 0
         ids = ids.clamp_min(0)
         vals = self.vals.index_select(0, ids.view(-1)).view(ids.shape)  # (N, k)
-        if self.exact:
-            dists = self.exact_dists(q, ids)
-        else:
-            dists = torch.from_numpy(D)
-            if self.metric == "ip":
-                dists = -dists
-        dists = dists.masked_fill(~valid, float("inf"))
+        approx = torch.from_numpy(D)
+        if self.metric == "ip":
+            approx = -approx
+        approx = approx.masked_fill(missing, float("inf"))
+        exact = self.exact_dists(q, ids).masked_fill_(missing, float("inf")) if (self.exact or both) else None
+        if both:
+            return approx, exact, vals
+        dists = exact if self.exact else approx
         return dists.to(queries.device), vals.to(queries.device)
 
     def exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

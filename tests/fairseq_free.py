@@ -14,7 +14,7 @@ import types
 
 PKG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "knnlm_fairseq")
 ALIAS = "knnlm_core"
-CORE = ("knn", "datastore", "index")
+CORE = ("knn", "datastore", "index", "retrieval_log", "sweep")
 
 
 def _package() -> types.ModuleType:
@@ -29,7 +29,7 @@ def _package() -> types.ModuleType:
 
 
 def load(name: str) -> types.ModuleType:
-    """One of the fairseq-free core modules ('knn', 'datastore', 'index')."""
+    """One of the fairseq-free core modules (CORE)."""
     assert name in CORE, f"{name} is not a fairseq-free core module; use one of {CORE}"
     _package()
     return importlib.import_module(f"{ALIAS}.{name}")

@@ -29,10 +29,12 @@ class KnnLM(BaseFairseqModel):
         self.pad, self.vocab_size = pad, vocab_size
         self.retriever, self.lmbda, self.temp = retriever, lmbda, temp
         self.writer = None  # set by the task once the split is known
+        self.recorder = None  # a RetrievalLogWriter, for offline sweeps
         self._keys: Optional[torch.Tensor] = None
         self._cursor = 0
         self.knn_seconds = 0.0
         self.knn_queries = 0
+        self.rows_per_chunk = 256  # interpolated rows per step: 256 x V floats (34 MB at V = 33k)
 
     @property
     def decoder(self):
@@ -65,16 +67,32 @@ class KnnLM(BaseFairseqModel):
         if self.writer is not None and target is not None:
             self.writer.add(keys[scored].float().cpu().numpy(), target.reshape(-1)[scored].cpu().numpy())
         lp = lm_lp
-        if self.retriever is not None and self.lmbda > 0 and scored.any():
+        if self.retriever is not None and (self.lmbda > 0 or self.recorder is not None) and scored.any():
             t0 = time.perf_counter()
-            dists, vals = self.retriever.search(keys[scored])  # (N, k) each, one search for the batch
-            flat = lm_lp.reshape(n, -1).float()  # (n, V): a fresh tensor of ours, safe to overwrite
-            rows = flat[scored]  # (N, V)
-            mixed = knn.interpolate_full(rows, dists, vals, self.lmbda, self.temp)
+            if self.recorder is not None:
+                approx, exact, vals = self.retriever.search(keys[scored], both=True)  # (N, k) each
+                tgt = target.reshape(-1)[scored]  # (N,)
+                self.recorder.add(
+                    target=tgt.cpu().numpy(),
+                    lm_lp=lm_lp.reshape(n, -1)[scored].gather(1, tgt.unsqueeze(1)).squeeze(1).float().cpu().numpy(),
+                    vals=vals.numpy(), dist_approx=approx.numpy(), dist_exact=exact.numpy(),
+                )
+                dists = (exact if self.retriever.exact else approx).to(keys.device)
+                vals = vals.to(keys.device)
+            else:
+                dists, vals = self.retriever.search(keys[scored])  # (N, k) each, one search for the batch
+            flat = lm_lp.reshape(n, -1)  # (n, V): get_normalized_probs made it fresh, ours to overwrite
+            rows = scored.nonzero().squeeze(1)  # (N,)
             # a query with no neighbour at all (empty IVF lists) keeps the LM distribution
-            found = torch.isfinite(dists).any(-1, keepdim=True)
-            flat[scored] = torch.where(found, mixed, rows)
-            lp = flat.view_as(lm_lp).to(lm_lp.dtype)
+            found = torch.isfinite(dists).any(-1).nonzero().squeeze(1)
+            if self.lmbda == 0:
+                found = found[:0]  # recording only: the LM's distribution is the answer
+            for s in range(0, found.numel(), self.rows_per_chunk):  # bounded memory: never (N, V) copies
+                sel = found[s : s + self.rows_per_chunk]
+                r = rows[sel]
+                mixed = knn.interpolate_full(flat[r].float(), dists[sel], vals[sel], self.lmbda, self.temp)
+                flat[r] = mixed.to(flat.dtype)
+            lp = flat.view(lm_lp.shape)  # reshape may have copied a non-contiguous input: return what we wrote
             self.knn_seconds += time.perf_counter() - t0
             self.knn_queries += int(scored.sum())
         return lp if log_probs else lp.exp()

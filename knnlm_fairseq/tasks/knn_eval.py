@@ -17,6 +17,7 @@ from omegaconf import II
 from ..checkpoints import checkpoint_identity
 from ..datastore import Datastore, DatastoreError, DatastoreWriter, dictionary_sha256
 from ..index import open_retriever
+from ..retrieval_log import RetrievalLogWriter
 from ..keys import KEY_TYPES, key_dim
 from ..models.knnlm import KnnLM
 
@@ -50,6 +51,11 @@ class KnnEvalConfig(LanguageModelingConfig):
     dstore_key_dtype: ChoiceEnum(["float16", "float32"]) = field(
         default="float16", metadata={"help": "storage type of dumped keys"}
     )
+    save_retrieval: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --knnlm: also write every token's LM log-prob, neighbours and distances (approx "
+                          "and exact) to this directory, for knnlm-sweep"},
+    )
     # owned by other groups: where the model came from (datastore provenance and checks)
     checkpoint_path: Optional[str] = II("common_eval.path")
 
@@ -62,8 +68,12 @@ class KnnEvalTask(LanguageModelingTask):
             raise DatastoreError("--knnlm and --save-dstore are separate runs; pass one of them")
         if (args.knnlm or args.save_dstore) and not args.dstore_dir:
             raise DatastoreError("--knnlm and --save-dstore need --dstore-dir DIR")
-        if args.knnlm and not 0.0 <= args.lmbda <= 1.0:
-            raise DatastoreError(f"--lmbda must be in [0, 1], got {args.lmbda}")
+        if args.knnlm and not 0.0 <= args.lmbda < 1.0:
+            # at λ=1 a target no neighbour predicts has probability 0, and eval-lm silently drops -inf scores
+            raise DatastoreError(f"--lmbda must be in [0, 1), got {args.lmbda}: at 1 unretrieved targets get "
+                                 f"probability 0")
+        if args.save_retrieval and not args.knnlm:
+            raise DatastoreError("--save-retrieval records what --knnlm retrieves; add --knnlm")
         if args.knnlm and args.knn_temp <= 0:
             raise DatastoreError(f"--knn-temp must be > 0, got {args.knn_temp}")
         if args.save_dstore and os.path.exists(os.path.join(args.dstore_dir, "manifest.json")):
@@ -105,8 +115,9 @@ class KnnEvalTask(LanguageModelingTask):
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
         itr = super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
         if self.args.save_dstore:
-            split = next((name for name, ds in self.datasets.items() if ds is dataset), None)
-            self._start_dump(split, context_window)
+            self._start_dump(self._split_of(dataset), context_window)
+        if self.args.save_retrieval:
+            self._start_retrieval_log(dataset)
         return _ThenFinish(itr, self._finish)
 
     def _start_dump(self, split: Optional[str], context_window: int) -> None:
@@ -133,8 +144,24 @@ class KnnEvalTask(LanguageModelingTask):
             key_dtype=str(self.args.dstore_key_dtype),
         )
 
+    def _split_of(self, dataset) -> Optional[str]:
+        return next((name for name, ds in self.datasets.items() if ds is dataset), None)
+
+    def _start_retrieval_log(self, dataset) -> None:
+        model = self.knn_models[0]
+        r = model.retriever
+        model.recorder = RetrievalLogWriter(self.args.save_retrieval, r.k, {
+            "split": self._split_of(dataset), "metric": r.metric, "nprobe": self.args.probe,
+            "dstore": {"path": os.path.abspath(r.dstore.path), "count": r.dstore.count,
+                       "fingerprint": r.dstore.fingerprint},
+            "index_file": self.args.index_file, "checkpoint": self._checkpoint(),
+        })
+
     def _finish(self) -> None:
         for model in self.knn_models:
+            if model.recorder is not None:
+                model.recorder.close()
+                model.recorder = None
             if model.writer is not None:
                 model.writer.close()
                 model.writer = None
