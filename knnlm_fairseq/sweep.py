@@ -9,7 +9,6 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from .knn import knn_target_log_probs
 from .retrieval_log import RetrievalLog
 
 KINDS = ("approx", "exact")
@@ -35,17 +34,25 @@ def sweep(log: RetrievalLog, lmbdas: Sequence[float], ks: Sequence[int], temps: 
         lm = torch.from_numpy(np.asarray(log.lm_lp[s : s + chunk], dtype=np.float64))  # (c,)
         vals = torch.from_numpy(np.asarray(log.vals[s : s + chunk], dtype=np.int64))  # (c, K)
         lm_total += float(lm.sum())
+        hit = vals.eq(tgt.unsqueeze(-1))  # (c, K)
+        cols = torch.tensor([k - 1 for k in ks])  # prefix ends: the k nearest in faiss's order
         for kind in kinds:
             dist = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[s : s + chunk]))  # (c, K)
-            for i, k in enumerate(ks):
-                d, v = dist[:, :k], vals[:, :k]
-                found = torch.isfinite(d).any(-1, keepdim=True)  # (c, 1); no neighbour: eval keeps the LM
-                for j, t in enumerate(temps):
-                    knn = knn_target_log_probs(d, v, tgt, t).double().unsqueeze(-1)  # (c, 1)
-                    mix = torch.logaddexp(lm.unsqueeze(-1) + log_1m, knn + log_l)  # (c, L)
-                    mix = torch.where(lam == 0, lm.unsqueeze(-1), mix)
-                    mix = torch.where(found, mix, lm.unsqueeze(-1))
-                    totals[kind][i, j] += mix.sum(0)
+            ok = torch.isfinite(dist)
+            found = ok.cumsum(1).index_select(1, cols).gt(0).unsqueeze(-1)  # (c, nk, 1); none: eval keeps the LM
+            d = dist.masked_fill(~ok, float("inf"))
+            d_min = d.amin(1, keepdim=True).masked_fill(~ok.any(1, keepdim=True), 0.0)  # any per-row shift cancels
+            for j, t in enumerate(temps):
+                logits = (-(d - d_min) / t).masked_fill(~ok, float("-inf"))  # (c, K)
+                # every k at once: log Σ over each prefix, for all neighbours and for those that are the target
+                lse_all = torch.logcumsumexp(logits, 1).index_select(1, cols)  # (c, nk)
+                lse_hit = torch.logcumsumexp(logits.masked_fill(~hit, float("-inf")), 1).index_select(1, cols)
+                knn = (lse_hit - lse_all.masked_fill(~found.squeeze(-1), 0.0)).double().unsqueeze(-1)  # (c, nk, 1)
+                lm3 = lm.view(-1, 1, 1)
+                mix = torch.logaddexp(lm3 + log_1m, knn + log_l)  # (c, nk, L)
+                mix = torch.where(lam == 0, lm3, mix)
+                mix = torch.where(found, mix, lm3)
+                totals[kind][:, j] += mix.sum(0)
     n = log.count
     return {
         "n_tokens": n,
