@@ -24,7 +24,7 @@ WT2_ARGS ?= --factory IVF1024,PQ32 --train-size 200000 --probe 32 --k 1024 --lmb
 	--temps 1,3,10,30 --dump-tokens-per-sample 512 --dump-context-window 128 \
 	--eval-tokens-per-sample 512 --eval-context-window 256 --max-tokens 8192 --device=--cpu
 
-.PHONY: install test test-unit demo lint clean wikitext2
+.PHONY: install test test-unit demo lint clean wikitext2 wikitext103
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,10 @@ WT2_DEPS := data/wikitext-2/wiki.train.tokens
 endif
 
 ifeq ($(wildcard $(CKPT)),)
-# No shipped checkpoint: train the small model from config/ (about 1.6 h on 2 CPU cores).
+WT2_TRAIN := 1
+endif
+ifneq ($(filter 1,$(TRAIN) $(WT2_TRAIN)),)
+# TRAIN=1, or no shipped checkpoint: train the small model from config/ (about 1.6 h on 2 CPU cores).
 CKPT := checkpoints/wt2-small/checkpoint_best.pt
 CKPT_DICT := $(WT2_BIN)/dict.txt
 $(CKPT): $(WT2_BIN)/.done
@@ -77,6 +80,62 @@ demo: $(WT2_BIN)/.done $(CKPT)
 wikitext2: $(WT2_BIN)/.done $(CKPT)
 	$(BIN)/python scripts/reproduce.py --title "kNN-LM on WikiText-2 (this CPU)" --data-bin $(WT2_BIN) \
 		--checkpoint $(CKPT) --out $(WT2_OUT) --work $(WT2_WORK) $(WT2_ARGS)
+
+# ---- make wikitext103: the paper end to end, for a GPU machine with internet -------------------
+# Needs ~250 GB free disk (211 GB of fp16 keys), ~32 GB RAM, one GPU; see README "What each target costs".
+WT103_URL ?= https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip
+WT103_CKPT_URL ?= https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2
+WT103_DATA ?= data/wikitext-103
+WT103_BIN ?= data-bin/wikitext-103
+WT103_CKPT_DIR ?= checkpoints/wikitext-103
+WT103_OUT ?= results/wikitext103
+WT103_WORK ?= dstore/wikitext103
+WT103_NEED_GB ?= 250
+WT103_PAPER ?= config/paper_wt103.json
+WT103_DEVICE ?= --fp16
+WT103_ARGS ?= --factory IVF4096,PQ64 --train-size 1000000 --probe 32 --k 1024 --lmbda 0.25 --knn-temp 1 \
+	--temps 1 --dump-tokens-per-sample 3072 --dump-context-window 1536 \
+	--eval-tokens-per-sample 3072 --eval-context-window 2560 --max-tokens 3072 \
+	--eval-extra=--softmax-batch=1024 --index-extra=--gpu
+
+$(WT103_DATA)/wiki.train.tokens:
+	$(BIN)/python scripts/check_disk.py $(dir $(WT103_DATA)) $(WT103_NEED_GB)
+	mkdir -p $(dir $(WT103_DATA))
+	curl -fL --retry 3 -o $(dir $(WT103_DATA))wikitext-103-v1.zip "$(WT103_URL)"
+	cd $(dir $(WT103_DATA)) && unzip -oq wikitext-103-v1.zip
+	test -f $@
+
+ifeq ($(TRAIN),1)
+WT103_CKPT := $(WT103_CKPT_DIR)/checkpoint_best.pt
+WT103_DICT_ARG :=
+$(WT103_CKPT): $(WT103_BIN)/.done
+	$(BIN)/fairseq-hydra-train --config-dir config --config-name wt103 task.data=$(abspath $(WT103_BIN)) \
+		checkpoint.save_dir=$(abspath $(WT103_CKPT_DIR)) common.user_dir=$(abspath knnlm_fairseq)
+else
+# the published Baevski & Auli model (fairseq's adaptive_lm_wiki103.v2): model.pt + dict.txt
+WT103_CKPT := $(WT103_CKPT_DIR)/model.pt
+WT103_DICT_ARG := --srcdict $(WT103_CKPT_DIR)/dict.txt
+$(WT103_CKPT_DIR)/dict.txt:
+	mkdir -p $(WT103_CKPT_DIR)
+	curl -fL --retry 3 -o $(WT103_CKPT_DIR)/model.tar.bz2 "$(WT103_CKPT_URL)"
+	tar -xjf $(WT103_CKPT_DIR)/model.tar.bz2 -C $(WT103_CKPT_DIR) --strip-components=1
+	rm $(WT103_CKPT_DIR)/model.tar.bz2
+	test -f $(WT103_CKPT) && test -f $@
+$(WT103_CKPT): $(WT103_CKPT_DIR)/dict.txt
+endif
+
+$(WT103_BIN)/.done: $(WT103_DATA)/wiki.train.tokens $(if $(WT103_DICT_ARG),$(WT103_CKPT_DIR)/dict.txt)
+	rm -rf $(WT103_BIN)
+	$(BIN)/fairseq-preprocess --only-source $(WT103_DICT_ARG) \
+		--trainpref $(WT103_DATA)/wiki.train.tokens --validpref $(WT103_DATA)/wiki.valid.tokens \
+		--testpref $(WT103_DATA)/wiki.test.tokens --destdir $(WT103_BIN) --workers 8
+	touch $@
+
+wikitext103: $(WT103_BIN)/.done $(WT103_CKPT)
+	$(BIN)/python scripts/check_disk.py $(dir $(WT103_WORK)) $(WT103_NEED_GB)
+	$(BIN)/python scripts/reproduce.py --title "kNN-LM on WikiText-103 (the paper's Table 1)" \
+		--data-bin $(WT103_BIN) --checkpoint $(WT103_CKPT) --out $(WT103_OUT) --work $(WT103_WORK) \
+		--device=$(WT103_DEVICE) $(if $(WT103_PAPER),--paper $(WT103_PAPER)) $(WT103_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_DSTORE)

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, PKG, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
 from plots import plot_curves
 from report_md import render as render_report
 
@@ -74,14 +74,14 @@ def main(argv=None):
     index = os.path.join(dstore, "index.faiss")
     stages = {}
     device = a.device.split()
-    extra = a.eval_extra.split()
+    extra = a.eval_extra.replace("=", " ").split()
     dump_args = (a.data_bin, a.checkpoint, a.dstore_split, a.dump_tokens_per_sample, a.dump_context_window,
                  a.max_tokens, device)
     print(f"settings: {vars(a)}", flush=True)
 
     if not (a.reuse and os.path.exists(os.path.join(dstore, "manifest.json"))):
         shutil.rmtree(dstore, ignore_errors=True)
-        run("dump", eval_lm(*dump_args) + KNN_TASK + ["--save-dstore", "--dstore-dir", dstore], logs, stages)
+        run("dump", eval_lm(*dump_args) + extra + KNN_TASK + ["--save-dstore", "--dstore-dir", dstore], logs, stages)
     manifest = read_json(os.path.join(dstore, "manifest.json"))
     if not (a.reuse and os.path.exists(index)):
         run("index", [f"{BIN}/knnlm-build-index", dstore, "--factory", a.factory, "--train-size", a.train_size,
@@ -93,7 +93,9 @@ def main(argv=None):
     splits, evals = [a.tune_split, a.test_split], {}
     for split in splits:
         ev = (a.data_bin, a.checkpoint, split, a.eval_tokens_per_sample, a.eval_context_window, a.max_tokens, device)
-        evals[f"base_{split}"] = eval_numbers(run(f"base_{split}", eval_lm(*ev) + extra, logs, stages))
+        # stock --task language_modeling; --user-dir only so legacy (2019) checkpoints load under torch >= 2.6
+        evals[f"base_{split}"] = eval_numbers(run(f"base_{split}", eval_lm(*ev) + extra + ["--user-dir", PKG],
+                                                  logs, stages))
         if split == a.tune_split:  # speed of each distance kind, side by side with the base LM
             evals[f"approx_{split}"] = eval_numbers(run(f"knnlm_approx_{split}", eval_lm(*ev) + extra + knn + [
                 "--knn-dist", "approx"], logs, stages))
