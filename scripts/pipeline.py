@@ -42,6 +42,7 @@ def run(name: str, cmd: List[str], log_dir: str, stages: Dict) -> str:
         tail = "\n".join(text.strip().splitlines()[-5:])
         raise StageFailed(f"stage {name} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
     stages[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                    "load_avg_1m": round(os.getloadavg()[0], 2),  # > cores: other work shared the CPU
                     "command": printable}
     return text
 

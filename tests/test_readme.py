@@ -64,3 +64,18 @@ def test_knnlm_block_dumps_indexes_and_evaluates(wt2_slice):
     assert "kNN-LM:" in out  # the interpolating run, not a plain one
     _, ppl = loss_and_ppl(out)
     assert 1 < ppl < 10_000
+
+
+def test_sweep_block_records_both_splits_and_tunes(wt2_slice):
+    root, data = wt2_slice
+    dstore = root / "dstore"
+    if not (dstore / "manifest.json").exists():
+        run_block("knnlm", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(dstore))
+    run_block("sweep", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(dstore))
+    sweep = json.loads((dstore / "sweep.json").read_text())
+    assert [log["split"] for log in sweep["logs"]] == ["valid", "test"]
+    lmbdas = sweep["settings"]["lmbdas"]
+    for log in sweep["logs"]:
+        at_zero = [row[lmbdas.index(0.0)] for by_k in log["ppl"]["exact"] for row in by_k]
+        assert at_zero == pytest.approx([log["base_ppl"]] * len(at_zero), rel=1e-4)  # λ=0 is the LM
+    assert sweep["tuned"]["exact"]["lmbda"] in lmbdas
