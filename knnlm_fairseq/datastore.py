@@ -4,7 +4,10 @@ Layout of a datastore directory:
     keys.npy       (n, dim) float16 (or float32), memory-mapped on read
     vals.npy       (n,) int32 (int64 for vocabularies >= 2**31), the next-token ids
     manifest.json  count, dim, dtypes, key type, provenance; written last, so its presence marks completion
+    progress.json  while dumping: rows safely on disk (fsynced) and the dump's identity; a re-run of the
+                   same command resumes there, and the finished files are byte-identical to an uninterrupted dump
 """
+import errno
 import hashlib
 import json
 import logging
@@ -17,6 +20,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 KEYS = "keys.npy"
 VALS = "vals.npy"
 FORMAT_VERSION = 1
@@ -76,14 +80,33 @@ def value_dtype(vocab_size: int) -> np.dtype:
 
 
 class StreamingNpy:
-    """Appends rows to a .npy file whose header is written when the row count is known."""
+    """Appends rows to a .npy file whose header is written when the row count is known.
 
-    def __init__(self, path: str, dtype: np.dtype, row_shape: Tuple[int, ...]):
+    resume_rows: reopen a file whose first rows are known good, drop anything after them and re-hash them.
+    """
+
+    def __init__(self, path: str, dtype: np.dtype, row_shape: Tuple[int, ...], resume_rows: Optional[int] = None):
         self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
-        self.rows = 0
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
         self.sha = hashlib.sha256()
-        self.f = open(path, "wb")
-        self.f.write(b"\0" * _HEADER_BYTES)
+        if resume_rows is None:
+            self.rows = 0
+            self.f = open(path, "wb")
+            self.f.write(b"\0" * _HEADER_BYTES)
+            return
+        good = _HEADER_BYTES + resume_rows * self.row_bytes
+        if not os.path.exists(path) or os.path.getsize(path) < good:
+            raise DatastoreError(f"{path} is shorter than its progress record says; the unfinished dump is damaged, "
+                                 f"delete {os.path.dirname(path)} and dump again")
+        self.f = open(path, "r+b")
+        self.f.truncate(good)  # rows after the last commit may be partial: they are written again
+        self.f.seek(_HEADER_BYTES)
+        left = good - _HEADER_BYTES
+        while left:
+            block = self.f.read(min(left, 1 << 24))
+            self.sha.update(block)
+            left -= len(block)
+        self.rows = resume_rows
 
     def append(self, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr, dtype=self.dtype)
@@ -93,13 +116,34 @@ class StreamingNpy:
         self.sha.update(buf)
         self.rows += arr.shape[0]
 
-    def close(self) -> None:
-        self.f.flush()
-        self.f.seek(0)
-        self.f.write(_npy_header(self.dtype, (self.rows,) + self.row_shape))
+    def sync(self) -> None:
         self.f.flush()
         os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.sync()
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, (self.rows,) + self.row_shape))
+        self.sync()
         self.f.close()
+
+
+def _disk_errors(path: str, committed: int):
+    """Turn a full disk into a one-line error that says the dump can resume."""
+
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, err, tb):
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DatastoreError(
+                    f"no space left writing {path} ({err.strerror}); free disk space and re-run the same command: "
+                    f"the dump resumes from its last commit ({committed:,} rows)"
+                ) from None
+            return False
+
+    return _Guard()
 
 
 class DatastoreWriter:
@@ -108,7 +152,8 @@ class DatastoreWriter:
     `meta` holds provenance (key_type, split, checkpoint, dictionary, context sizes); it lands in the manifest.
     """
 
-    def __init__(self, path: str, dim: int, vocab_size: int, meta: Dict, key_dtype: str = "float16"):
+    def __init__(self, path: str, dim: int, vocab_size: int, meta: Dict, key_dtype: str = "float16",
+                 commit_seconds: float = 30.0):
         if os.path.exists(os.path.join(path, MANIFEST)):
             raise DatastoreError(
                 f"{path} already holds a complete datastore; choose another --dstore-dir or delete it first"
@@ -117,9 +162,43 @@ class DatastoreWriter:
         self.path, self.dim, self.meta = path, dim, dict(meta)
         self.key_dtype = np.dtype(key_dtype)
         self.vocab_size = vocab_size
-        self.keys = StreamingNpy(os.path.join(path, KEYS), self.key_dtype, (dim,))
-        self.vals = StreamingNpy(os.path.join(path, VALS), value_dtype(vocab_size), ())
+        self.commit_seconds = commit_seconds
+        # everything that decides the bytes: a resumed dump must be the same dump
+        self.identity = hashlib.sha256(json.dumps(
+            {"meta": {k: v for k, v in self.meta.items() if k != "versions"}, "dim": dim, "vocab": vocab_size,
+             "key_dtype": self.key_dtype.name}, sort_keys=True).encode()).hexdigest()
+        resume = self._resume_point()
+        self.keys = StreamingNpy(os.path.join(path, KEYS), self.key_dtype, (dim,), resume)
+        self.vals = StreamingNpy(os.path.join(path, VALS), value_dtype(vocab_size), (), resume)
+        self.resumed_rows = resume or 0
+        self.skip = self.resumed_rows  # incoming rows already on disk, dropped by add()
+        self.committed = self.resumed_rows
+        self.last_commit = time.time()
         self.started = time.time()
+        if resume:
+            logger.info(f"resuming the dump in {path} after {resume:,} rows already on disk")
+
+    def _resume_point(self) -> Optional[int]:
+        ppath = os.path.join(self.path, PROGRESS)
+        if not os.path.exists(ppath):
+            return None  # nothing was committed: start over
+        with open(ppath) as f:
+            progress = json.load(f)
+        if progress["identity"] != self.identity:
+            raise DatastoreError(
+                f"{self.path} holds an unfinished dump made with other settings (checkpoint, data, split, "
+                f"context or key type); re-run that command to finish it, or delete {self.path}"
+            )
+        return int(progress["rows"])
+
+    def commit(self) -> None:
+        """Make every row so far durable, then record it: a crash after this loses nothing before it."""
+        with _disk_errors(self.path, self.committed):
+            self.keys.sync()
+            self.vals.sync()
+            write_json_atomic(os.path.join(self.path, PROGRESS), {"rows": self.count, "identity": self.identity})
+        self.committed = self.count
+        self.last_commit = time.time()
 
     @property
     def count(self) -> int:
@@ -141,15 +220,26 @@ class DatastoreWriter:
             )
         if vals.size and (vals.min() < 0 or vals.max() >= self.vocab_size):
             raise DatastoreError(f"token ids outside [0, {self.vocab_size}) in values")
-        self.keys.append(cast)
-        self.vals.append(vals)
+        if self.skip:  # resuming: these rows are on disk already
+            drop = min(self.skip, len(vals))
+            self.skip -= drop
+            cast, vals = cast[drop:], vals[drop:]
+        with _disk_errors(self.path, self.committed):
+            self.keys.append(cast)
+            self.vals.append(vals)
+        if time.time() - self.last_commit >= self.commit_seconds:
+            self.commit()
 
     def close(self) -> Dict:
         """Finish the arrays, then write the manifest (the commit point). Returns the manifest."""
         if self.count == 0:
             raise DatastoreError("no scored tokens were written: the split is empty; check --gen-subset and the data")
-        self.keys.close()
-        self.vals.close()
+        if self.skip:
+            raise DatastoreError(f"the resumed dump produced fewer rows than {self.path} already holds; "
+                                 f"the data or settings changed, delete {self.path} and dump again")
+        with _disk_errors(self.path, self.committed):
+            self.keys.close()
+            self.vals.close()
         manifest = dict(self.meta)
         manifest.update(
             format_version=FORMAT_VERSION,
@@ -164,8 +254,11 @@ class DatastoreWriter:
                 (self.keys.sha.hexdigest() + self.vals.sha.hexdigest()).encode()
             ).hexdigest(),
             dump_seconds=round(time.time() - self.started, 3),
+            resumed_after_rows=self.resumed_rows,
         )
         write_json_atomic(os.path.join(self.path, MANIFEST), manifest)
+        if os.path.exists(os.path.join(self.path, PROGRESS)):
+            os.remove(os.path.join(self.path, PROGRESS))  # after the manifest: there is always one or the other
         logger.info(f"datastore {self.path}: {self.count:,} entries of dim {self.dim} ({self.key_dtype.name})")
         return manifest
 

@@ -87,7 +87,7 @@ def test_tiny_config_trains_and_evaluates(tmp_path):
             "--validpref", tmp_path / "train.txt", "--destdir", tmp_path / "bin", "--workers", "1")
     save = tmp_path / "ckpt"
     out = run_cli("fairseq-hydra-train", "--config-dir", CONFIG, "--config-name", "tiny", f"task.data={tmp_path / 'bin'}",
-                  f"common.user_dir={USER_DIR}", f"checkpoint.save_dir={save}").output
+                  f"common.user_dir={USER_DIR}", f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'hydra'}").output
     assert re.search(r"num_updates.*20|done training", out)
     assert (save / "checkpoint_last.pt").exists()
     ev = run_cli("fairseq-eval-lm", tmp_path / "bin", "--path", save / "checkpoint_last.pt", "--user-dir", USER_DIR,

@@ -331,3 +331,71 @@ def test_writer_replaces_an_unfinished_dump(tmp_path, rows):
     assert d.count == 50
     np.testing.assert_array_equal(d.keys, keys[:50].astype(np.float16))
     d.verify()
+
+
+# ---- crash safety: commit, resume, full disk ------------------------------------------------------
+def crash_after(path, keys, vals, stop, commits, seed=0):
+    """Feed rows in random-size adds, committing at the given add indices, and 'crash' after add `stop`."""
+    w = ds.DatastoreWriter(str(path), DIM, VOCAB, META, commit_seconds=1e9)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, len(keys), size=40))
+    for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, len(keys)])):
+        if i == stop:
+            break
+        w.add(keys[a:b], vals[a:b])
+        if i in commits:
+            w.commit()
+        if i == stop - 1:
+            w.keys.f.write(b"\x07" * 9)  # a torn write past the last commit
+    abandon(w)
+    return w.committed
+
+
+@pytest.mark.parametrize("stop,commits", [(5, {1, 3}), (30, {0, 10, 28}), (41, {40}), (3, set())])
+def test_resume_is_byte_identical(tmp_path, rows, stop, commits):
+    keys, vals = rows
+    ref = write(tmp_path / "ref", keys, vals)
+    committed = crash_after(tmp_path / "d", keys, vals, stop, commits)
+    assert not (tmp_path / "d" / ds.MANIFEST).exists()
+    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)  # the same dump, run again from the start
+    assert w.resumed_rows == committed
+    for a in range(0, len(keys), 333):
+        w.add(keys[a:a + 333], vals[a:a + 333])
+    m = w.close()
+    assert m["fingerprint"] == ref["fingerprint"]
+    for name in (ds.KEYS, ds.VALS):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert not (tmp_path / "d" / ds.PROGRESS).exists()
+
+
+def test_resume_refuses_other_settings(tmp_path, rows):
+    keys, vals = rows
+    crash_after(tmp_path / "d", keys, vals, 10, {5})
+    other = dict(META, context_window=META.get("context_window", 0) + 1)
+    with pytest.raises(DatastoreError, match="unfinished dump made with other settings"):
+        ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, other)
+
+
+def test_full_disk_is_one_clear_error_and_resumable(tmp_path, rows, monkeypatch):
+    import errno
+
+    keys, vals = rows
+    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META, commit_seconds=1e9)
+    w.add(keys[:500], vals[:500])
+    w.commit()
+
+    def full(buf):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(w.keys, "f", type("F", (), {"write": staticmethod(full), "close": w.keys.f.close,
+                                                    "flush": w.keys.f.flush, "fileno": w.keys.f.fileno})())
+    with pytest.raises(DatastoreError, match=r"no space left .* re-run the same command.*\(500 rows\)"):
+        w.add(keys[500:900], vals[500:900])
+    abandon(w)
+    resumed = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    assert resumed.resumed_rows == 500
+    resumed.add(keys, vals)
+    resumed.close()
+    d = ds.Datastore.open(str(tmp_path / "d"))
+    np.testing.assert_array_equal(d.vals, vals)
+    d.verify()

@@ -51,6 +51,11 @@ class KnnEvalConfig(LanguageModelingConfig):
     dstore_key_dtype: ChoiceEnum(["float16", "float32"]) = field(
         default="float16", metadata={"help": "storage type of dumped keys"}
     )
+    dstore_commit_seconds: float = field(
+        default=30.0,
+        metadata={"help": "fsync the dump and record its progress this often; a killed dump re-run with the same "
+                          "command resumes from the last record"},
+    )
     save_retrieval: Optional[str] = field(
         default=None,
         metadata={"help": "with --knnlm: also write every token's LM log-prob, neighbours and distances (approx "
@@ -116,6 +121,9 @@ class KnnEvalTask(LanguageModelingTask):
         itr = super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
         if self.args.save_dstore:
             self._start_dump(self._split_of(dataset), context_window)
+            writer = self.knn_models[0].writer
+            if writer.skip:
+                itr = _SkipWritten(itr, writer, self.dictionary.pad())
         if self.args.save_retrieval:
             self._start_retrieval_log(dataset)
         return _ThenFinish(itr, self._finish)
@@ -141,7 +149,7 @@ class KnnEvalTask(LanguageModelingTask):
         }
         model.writer = DatastoreWriter(
             self.args.dstore_dir, key_dim(model.decoder, str(self.args.knn_keytype)), len(self.dictionary), meta,
-            key_dtype=str(self.args.dstore_key_dtype),
+            key_dtype=str(self.args.dstore_key_dtype), commit_seconds=self.args.dstore_commit_seconds,
         )
 
     def _split_of(self, dataset) -> Optional[str]:
@@ -170,6 +178,37 @@ class KnnEvalTask(LanguageModelingTask):
                     f"kNN retrieval: {model.knn_queries:,} queries in {model.knn_seconds:.1f}s "
                     f"({model.knn_queries / max(model.knn_seconds, 1e-9):,.0f} queries/s)"
                 )
+
+
+class _SkipWritten:
+    """A resumed dump: drops batches whose scored tokens are all on disk already (the model never sees them)."""
+
+    def __init__(self, itr, writer, pad: int):
+        self.itr, self.writer, self.pad, self.skipped, self.logged = itr, writer, pad, 0, False
+
+    def __len__(self):
+        return len(self.itr)
+
+    @property
+    def n(self):
+        return self.itr.n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            sample = next(self.itr)
+            scored = int(sample["target"].ne(self.pad).sum()) if sample else 0
+            if 0 < scored <= self.writer.skip:
+                self.writer.skip -= scored
+                self.skipped += 1
+                continue
+            if self.skipped and not self.logged:
+                logger.info(f"resumed: skipped {self.skipped} batches already in the datastore; the perplexity "
+                            f"printed below covers only the rest")
+                self.logged = True
+            return sample
 
 
 class _ThenFinish:

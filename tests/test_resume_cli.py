@@ -1,0 +1,97 @@
+"""SIGKILL the real `fairseq-eval-lm --save-dstore` at seeded random points; re-running the same command
+resumes and the datastore is byte-identical to an uninterrupted dump."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from clis import BIN, USER_DIR, run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(80)]
+    with open(tmp / "train.txt", "w") as f:
+        for _ in range(400):
+            f.write(" ".join(rng.choice(words, size=rng.integers(5, 25))) + "\n")
+    run_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "train.txt",
+            "--destdir", tmp / "bin", "--workers", "1")
+    run_cli("fairseq-train", tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
+            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", "64",
+            "--max-update", "5", "--save-dir", tmp / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
+            "--disable-validation")
+    return tmp
+
+
+def dump_cmd(tmp, dstore):
+    # many small batches, each committed (--dstore-commit-seconds 0), so kills land between and inside commits
+    return [os.path.join(BIN, "fairseq-eval-lm"), str(tmp / "bin"), "--path", str(tmp / "ckpt" / "checkpoint_last.pt"),
+            "--user-dir", USER_DIR, "--task", "knn_eval", "--save-dstore", "--dstore-dir", str(dstore),
+            "--gen-subset", "valid", "--tokens-per-sample", "48", "--context-window", "16", "--max-tokens", "96",
+            "--cpu", "--dstore-commit-seconds", "0", "--no-progress-bar"]
+
+
+def rows_on_disk(dstore):
+    try:
+        with open(dstore / "progress.json") as f:
+            return json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_anywhere_then_resume_is_byte_identical(setup):
+    tmp = setup
+    ref = tmp / "ref"
+    subprocess.run(dump_cmd(tmp, ref), check=True, capture_output=True)
+    total = json.loads((ref / "manifest.json").read_text())["count"]
+    rng = np.random.default_rng(1234)
+    dstore = tmp / "killed"
+    targets = sorted(rng.integers(1, total, size=3))  # kill once past each of these row counts
+    kills = 0
+    for target in targets:
+        proc = subprocess.Popen(dump_cmd(tmp, dstore), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and rows_on_disk(dstore) < target and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))  # land anywhere: inside a write, an fsync or a rename
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (dstore / "manifest.json").exists():
+            break
+        assert not (dstore / "manifest.json").exists()
+    assert kills >= 1, "the dump finished before any kill: make the corpus larger"
+    out = subprocess.run(dump_cmd(tmp, dstore), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((dstore / "manifest.json").read_text())
+    assert m["count"] == total and m["resumed_after_rows"] > 0
+    for name in ("keys.npy", "vals.npy"):
+        assert (dstore / name).read_bytes() == (ref / name).read_bytes(), name
+    assert m["fingerprint"] == json.loads((ref / "manifest.json").read_text())["fingerprint"]
+    assert not (dstore / "progress.json").exists()
+
+
+def test_resume_with_other_settings_is_refused(setup):
+    tmp = setup
+    dstore = tmp / "other"
+    proc = subprocess.Popen(dump_cmd(tmp, dstore), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and rows_on_disk(dstore) < 50 and time.time() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    if (dstore / "manifest.json").exists():
+        pytest.skip("dump finished before the kill")
+    cmd = dump_cmd(tmp, dstore)
+    cmd[cmd.index("--context-window") + 1] = "8"
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "unfinished dump made with other settings" in out.stderr
+    assert not (dstore / "manifest.json").exists()
