@@ -16,12 +16,14 @@ from omegaconf import II
 
 from ..checkpoints import checkpoint_identity
 from ..datastore import Datastore, DatastoreError, DatastoreWriter, dictionary_sha256
+from ..errors import install_excepthook
 from ..index import open_retriever
 from ..retrieval_log import RetrievalLogWriter
 from ..keys import KEY_TYPES, key_dim
 from ..models.knnlm import KnnLM
 
 logger = logging.getLogger(__name__)
+install_excepthook()
 
 
 @dataclass
