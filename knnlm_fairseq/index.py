@@ -31,6 +31,19 @@ def scale_factory(factory: str, n_train: int) -> str:
     return re.sub(r"(IVF)(\d+)", shrink, factory, count=1)
 
 
+def index_digest(path: str, edge: int = 1 << 20) -> str:
+    """Cheap identity of an index file (size, first and last MiB): hashing a 7 GB index at every load is not."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, size - edge))
+        h.update(f.read(edge))
+    return h.hexdigest()
+
+
 def index_meta_path(index_path: str) -> str:
     return index_path + ".json"
 
@@ -57,6 +70,8 @@ def build_index(
     """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically."""
     if metric not in METRICS:
         raise DatastoreError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
+    if train_size < 1:
+        raise DatastoreError(f"--train-size must be >= 1, got {train_size}")
     n_train = min(train_size, dstore.count)
     used = scale_factory(factory, n_train)
     if used != factory:
@@ -70,7 +85,13 @@ def build_index(
         work = faiss.index_cpu_to_all_gpus(index)
     t0 = time.time()
     if not index.is_trained:
-        work.train(_sample_rows(dstore, n_train, seed))
+        try:
+            work.train(_sample_rows(dstore, n_train, seed))
+        except RuntimeError as e:  # e.g. 8-bit PQ needs >= 256 training keys per codebook
+            raise DatastoreError(
+                f"faiss cannot train '{used}' on {n_train:,} keys ({str(e).strip().splitlines()[-1]}); "
+                f"use more keys (--train-size) or a smaller factory such as 'Flat'"
+            ) from None
     train_s = time.time() - t0
     t0 = time.time()
     from tqdm import tqdm
@@ -88,6 +109,7 @@ def build_index(
         os.fsync(f.fileno())
     os.replace(tmp, index_path)
     meta = {
+        "index_digest": index_digest(index_path),
         "factory": factory,
         "factory_used": used,
         "metric": metric,
@@ -118,6 +140,9 @@ def load_index(index_path: str, dstore: Datastore) -> Tuple[faiss.Index, Dict]:
             f"index {index_path} was built for another datastore ({meta['ntotal']:,} keys from "
             f"{meta['dstore']['path']}); rebuild it with knnlm-build-index {dstore.path}"
         )
+    if meta.get("index_digest") != index_digest(index_path):
+        raise DatastoreError(f"{index_path} is not the index its sidecar {os.path.basename(mpath)} describes (copied "
+                             f"or rebuilt separately); rebuild it with knnlm-build-index {dstore.path}")
     try:
         index = faiss.read_index(index_path)
     except RuntimeError as e:
