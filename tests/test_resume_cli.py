@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(80)]
     with open(tmp / "train.txt", "w") as f:
-        for _ in range(400):
+        for _ in range(1500):
             f.write(" ".join(rng.choice(words, size=rng.integers(5, 25))) + "\n")
     run_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "train.txt",
             "--destdir", tmp / "bin", "--workers", "1")
@@ -52,24 +52,24 @@ def test_sigkill_anywhere_then_resume_is_byte_identical(setup):
     total = json.loads((ref / "manifest.json").read_text())["count"]
     rng = np.random.default_rng(1234)
     dstore = tmp / "killed"
-    targets = sorted(rng.integers(1, total, size=3))  # kill once past each of these row counts
+    targets = sorted(rng.integers(1, int(total * 0.8), size=3))  # kill once past each of these row counts
     kills = 0
     for target in targets:
         proc = subprocess.Popen(dump_cmd(tmp, dstore), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while proc.poll() is None and rows_on_disk(dstore) < target and time.time() < deadline:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))  # land anywhere: inside a write, an fsync or a rename
+        time.sleep(rng.uniform(0, 0.005))  # land anywhere: inside a write, an fsync or a rename
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         if (dstore / "manifest.json").exists():
-            break
-        assert not (dstore / "manifest.json").exists()
+            break  # this run outpaced its kill and finished (a later target may already be passed)
     assert kills >= 1, "the dump finished before any kill: make the corpus larger"
-    out = subprocess.run(dump_cmd(tmp, dstore), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    if not (dstore / "manifest.json").exists():
+        out = subprocess.run(dump_cmd(tmp, dstore), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads((dstore / "manifest.json").read_text())
     assert m["count"] == total and m["resumed_after_rows"] > 0
     for name in ("keys.npy", "vals.npy"):
