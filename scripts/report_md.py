@@ -42,6 +42,6 @@ def render(m, splits):
               f"distances ({sp['exact_ratio']:.2f}×; {sp['note']}). Dump {sp['dump_tok_s']:,} tokens/s. "
               f"Index train {ix['train_s']:.1f} s, add {ix['add_s']:.1f} s.", "",
               _table(["stage", "seconds", "peak RSS (MB)", "command"],
-                     [[n, s["seconds"], s["peak_rss_mb"], f"`{s['command']}`"] for n, s in m["stages"].items()]), "",
+                     [[n, s["seconds"], s["peak_rss_mb"] or "—", f"`{s['command']}`"] for n, s in m["stages"].items()]), "",
               "## Versions", "", ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]
     return "\n".join(lines)

@@ -83,6 +83,9 @@ def main(argv=None):
         shutil.rmtree(dstore, ignore_errors=True)
         run("dump", eval_lm(*dump_args) + extra + KNN_TASK + ["--save-dstore", "--dstore-dir", dstore], logs, stages)
     manifest = read_json(os.path.join(dstore, "manifest.json"))
+    if "dump" not in stages:  # reused: the writer's own wall time is in the manifest; peak RSS was not recorded
+        stages["dump"] = {"seconds": manifest["dump_seconds"], "peak_rss_mb": None,
+                          "command": f"(reused {dstore}: an earlier run of the same dump)"}
     if not (a.reuse and os.path.exists(index)):
         run("index", [f"{BIN}/knnlm-build-index", dstore, "--factory", a.factory, "--train-size", a.train_size,
                       "--no-progress-bar"] + a.index_extra.split(), logs, stages)
