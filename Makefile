@@ -20,6 +20,7 @@ DEMO_ARGS ?=
 # make wikitext2: the reproduction report on this CPU (about 45 minutes on 2 cores)
 WT2_OUT ?= results/wikitext2
 WT2_WORK ?= dstore/wikitext2
+WT2_EXTRA ?=  # e.g. --reuse: keep the datastore and index already in WT2_WORK
 WT2_ARGS ?= --factory IVF1024,PQ32 --train-size 200000 --probe 32 --k 1024 --lmbda 0.25 --knn-temp 10 \
 	--temps 1,3,10,30 --dump-tokens-per-sample 512 --dump-context-window 128 \
 	--eval-tokens-per-sample 512 --eval-context-window 256 --max-tokens 8192 --device=--cpu
@@ -79,7 +80,7 @@ demo: $(WT2_BIN)/.done $(CKPT)
 
 wikitext2: $(WT2_BIN)/.done $(CKPT)
 	$(BIN)/python scripts/reproduce.py --title "kNN-LM on WikiText-2 (this CPU)" --data-bin $(WT2_BIN) \
-		--checkpoint $(CKPT) --out $(WT2_OUT) --work $(WT2_WORK) $(WT2_ARGS)
+		--checkpoint $(CKPT) --out $(WT2_OUT) --work $(WT2_WORK) $(WT2_ARGS) $(WT2_EXTRA)
 
 # ---- make wikitext103: the paper end to end, for a GPU machine with internet -------------------
 # Needs ~250 GB free disk (211 GB of fp16 keys), ~32 GB RAM, one GPU; see README "What each target costs".

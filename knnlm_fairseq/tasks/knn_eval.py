@@ -93,6 +93,14 @@ class KnnEvalTask(LanguageModelingTask):
             raise DatastoreError("kNN-LM works with exactly one checkpoint in --path")
         return checkpoint_identity(path)
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        # fairseq cannot memory-map an empty .bin and fails with a traceback far from the cause
+        for data_path in self.args.data.split(os.pathsep):
+            path = os.path.join(data_path, f"{split}.bin")
+            if os.path.exists(path) and os.path.getsize(path) == 0:
+                raise DatastoreError(f"split '{split}' is empty ({path} holds no tokens); check --gen-subset and the data")
+        return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if not (self.args.knnlm or self.args.save_dstore):
