@@ -356,7 +356,7 @@ class Datastore:
                 f"it belongs to another model, dump again"
             )
 
-    def iter_keys(self, chunk: int = 1 << 16) -> Iterator[Tuple[int, np.ndarray]]:
-        """(start, float32 keys) in row order, chunk by chunk: never the whole array in memory."""
-        for start in range(0, self.count, chunk):
+    def iter_keys(self, chunk: int = 1 << 16, start: int = 0) -> Iterator[Tuple[int, np.ndarray]]:
+        """(start, float32 keys) in row order from row `start`, chunk by chunk: never the whole array in memory."""
+        for start in range(start, self.count, chunk):
             yield start, np.asarray(self.keys[start : start + chunk], dtype=np.float32)

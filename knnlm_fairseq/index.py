@@ -56,6 +56,44 @@ def _sample_rows(dstore: Datastore, size: int, seed: int) -> np.ndarray:
     return np.asarray(dstore.keys[rows], dtype=np.float32)  # (size, dim), one gather from the memmap
 
 
+def _write_index_atomic(index: faiss.Index, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    faiss.write_index(index, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_partial(index, partial: str, partial_meta: str, identity: Dict, train_s: float, add_s: float) -> None:
+    """Snapshot to a new file, then point the record at it (the commit), then drop the older snapshot."""
+    import glob
+
+    path = f"{partial}.{int(index.ntotal)}"
+    _write_index_atomic(index, path)
+    write_json_atomic(partial_meta, dict(identity, added=int(index.ntotal), train_s=train_s, add_s=add_s,
+                                         file=os.path.basename(path), digest=index_digest(path)))
+    for old in glob.glob(glob.escape(partial) + ".*"):
+        if old != path and not old.endswith(".json"):
+            os.remove(old)
+
+
+def _read_partial(partial: str, partial_meta: str, identity: Dict):
+    """(index, progress) of an interrupted build with the same inputs, else None (start over)."""
+    import json
+
+    if not os.path.exists(partial_meta):
+        return None
+    with open(partial_meta) as f:
+        done = json.load(f)
+    path = os.path.join(os.path.dirname(partial), done.get("file", ""))
+    if any(done.get(k) != v for k, v in identity.items()) or not os.path.isfile(path) or (
+            done.get("digest") != index_digest(path)):
+        logger.info(f"ignoring {partial_meta}: it belongs to another build")
+        return None
+    index = faiss.read_index(path)
+    return (index, done) if index.ntotal == done["added"] else None
+
+
 def build_index(
     dstore: Datastore,
     index_path: str,
@@ -66,8 +104,13 @@ def build_index(
     seed: int = 1,
     use_gpu: bool = False,
     progress: bool = True,
+    checkpoint_seconds: float = 600.0,
 ) -> Dict:
-    """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically."""
+    """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically.
+
+    The trained index, and every checkpoint_seconds the keys added so far, are saved to INDEX.partial:
+    running the same build again after a crash resumes there instead of starting over.
+    """
     if metric not in METRICS:
         raise DatastoreError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
     if train_size < 1:
@@ -76,38 +119,48 @@ def build_index(
     used = scale_factory(factory, n_train)
     if used != factory:
         logger.info(f"{factory} scaled to {used} for {n_train:,} training keys")
-    try:
-        index = faiss.index_factory(dstore.dim, used, METRICS[metric])
-    except RuntimeError as e:
-        raise DatastoreError(f"faiss cannot build '{used}' for dim {dstore.dim}: {str(e).splitlines()[-1]}") from None
-    work = index
-    if use_gpu:
-        work = faiss.index_cpu_to_all_gpus(index)
-    t0 = time.time()
-    if not index.is_trained:
+    partial, partial_meta = index_path + ".partial", index_path + ".partial.json"  # snapshots: INDEX.partial.<n>
+    identity = {"fingerprint": dstore.fingerprint, "factory": used, "metric": metric, "train_size": n_train,
+                "seed": seed}
+    resume = _read_partial(partial, partial_meta, identity)
+    if resume is not None:
+        index, done = resume
+        train_s, add_s = done["train_s"], done["add_s"]
+        logger.info(f"resuming {index_path}: trained, {done['added']:,} of {dstore.count:,} keys already added")
+    else:
         try:
-            work.train(_sample_rows(dstore, n_train, seed))
-        except RuntimeError as e:  # e.g. 8-bit PQ needs >= 256 training keys per codebook
-            raise DatastoreError(
-                f"faiss cannot train '{used}' on {n_train:,} keys ({str(e).strip().splitlines()[-1]}); "
-                f"use more keys (--train-size) or a smaller factory such as 'Flat'"
-            ) from None
-    train_s = time.time() - t0
-    t0 = time.time()
+            index = faiss.index_factory(dstore.dim, used, METRICS[metric])
+        except RuntimeError as e:
+            raise DatastoreError(f"faiss cannot build '{used}' for dim {dstore.dim}: {str(e).splitlines()[-1]}") from None
+        t0 = time.time()
+        if not index.is_trained:
+            work = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
+            try:
+                work.train(_sample_rows(dstore, n_train, seed))
+            except RuntimeError as e:  # e.g. 8-bit PQ needs >= 256 training keys per codebook
+                raise DatastoreError(
+                    f"faiss cannot train '{used}' on {n_train:,} keys ({str(e).strip().splitlines()[-1]}); "
+                    f"use more keys (--train-size) or a smaller factory such as 'Flat'"
+                ) from None
+            index = faiss.index_gpu_to_cpu(work) if use_gpu else index
+        train_s, add_s = time.time() - t0, 0.0
+        _write_partial(index, partial, partial_meta, identity, train_s, add_s)  # training is the costly part
+    work = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
     from tqdm import tqdm
 
-    with tqdm(total=dstore.count, unit="key", disable=not progress, desc="add") as bar:
-        for _, keys in dstore.iter_keys(add_chunk):
+    t0, last = time.time(), time.time()
+    with tqdm(total=dstore.count, initial=index.ntotal, unit="key", disable=not progress, desc="add") as bar:
+        for _, keys in dstore.iter_keys(add_chunk, start=index.ntotal):
             work.add(keys)
             bar.update(len(keys))
-    add_s = time.time() - t0
+            if time.time() - last >= checkpoint_seconds and work.ntotal < dstore.count:
+                snapshot = faiss.index_gpu_to_cpu(work) if use_gpu else work
+                _write_partial(snapshot, partial, partial_meta, identity, train_s, add_s + time.time() - t0)
+                last = time.time()
+    add_s += time.time() - t0
     if use_gpu:
         index = faiss.index_gpu_to_cpu(work)
-    tmp = f"{index_path}.tmp.{os.getpid()}"
-    faiss.write_index(index, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, index_path)
+    _write_index_atomic(index, index_path)
     meta = {
         "index_digest": index_digest(index_path),
         "factory": factory,
@@ -122,6 +175,10 @@ def build_index(
         "dstore": {"path": os.path.abspath(dstore.path), "count": dstore.count, "fingerprint": dstore.fingerprint},
     }
     write_json_atomic(index_meta_path(index_path), meta)
+    import glob
+
+    for f in glob.glob(glob.escape(partial) + ".*"):  # after the final index and its sidecar are in place
+        os.remove(f)
     logger.info(f"index {index_path}: {used}, {index.ntotal:,} keys, train {train_s:.1f}s, add {add_s:.1f}s")
     return meta
 

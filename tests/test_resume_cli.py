@@ -95,3 +95,51 @@ def test_resume_with_other_settings_is_refused(setup):
     assert out.returncode != 0
     assert "unfinished dump made with other settings" in out.stderr
     assert not (dstore / "manifest.json").exists()
+
+
+def test_index_build_killed_anywhere_resumes_to_the_same_bytes(tmp_path):
+    from fairseq_free import load
+
+    ds = load("datastore")
+    rng = np.random.default_rng(7)
+    n, dim = 12_000, 16
+    w = ds.DatastoreWriter(str(tmp_path / "d"), dim, 100, {"key_type": "t", "checkpoint": {"sha256": "x"},
+                                                         "dictionary": {"sha256": "y", "size": 100}})
+    w.add(rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, 100, n))
+    w.close()
+
+    def cmd(out):
+        return [os.path.join(BIN, "knnlm-build-index"), str(tmp_path / "d"), "--factory", "IVF16,PQ4x4",
+                "--train-size", "4000", "--add-chunk", "40", "--checkpoint-seconds", "0", "--threads", "1",
+                "--no-progress-bar", "--output", out]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd("ref.faiss"), check=True, capture_output=True, env=env)
+    partial = tmp_path / "d" / "idx.faiss.partial.json"
+
+    def added():
+        try:
+            return json.loads(partial.read_text())["added"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    kills = 0
+    for target in sorted(np.random.default_rng(99).integers(0, int(n * 0.8), size=3)):
+        proc = subprocess.Popen(cmd("idx.faiss"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 120
+        while proc.poll() is None and added() < target and time.time() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (tmp_path / "d" / "idx.faiss").exists():
+            break
+    assert kills >= 1
+    assert added() > 0  # there was something to resume from
+    if not (tmp_path / "d" / "idx.faiss").exists():
+        out = subprocess.run(cmd("idx.faiss"), capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "resuming" in out.stderr, [line for line in out.stderr.splitlines() if "partial" in line or "resum" in line]
+    assert (tmp_path / "d" / "idx.faiss").read_bytes() == (tmp_path / "d" / "ref.faiss").read_bytes()
+    assert not [f for f in os.listdir(tmp_path / "d") if ".partial" in f]
