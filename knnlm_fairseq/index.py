@@ -94,6 +94,36 @@ def _read_partial(partial: str, partial_meta: str, identity: Dict):
     return (index, done) if index.ntotal == done["added"] else None
 
 
+def _add_ondisk(trained: faiss.Index, dstore: Datastore, index_path: str, add_chunk: int, progress: bool):
+    """IVF lists in INDEX.ivfdata, memory-mapped at search time (faiss.contrib.ondisk): RAM stays ~one chunk.
+
+    Each chunk becomes a shard file of the trained index; the shards are merged into the on-disk lists.
+    """
+    from faiss.contrib.ondisk import merge_ondisk
+    from tqdm import tqdm
+
+    try:
+        faiss.extract_index_ivf(trained)
+    except RuntimeError:
+        raise DatastoreError("--ondisk needs an IVF factory (e.g. 'IVF4096,PQ64')") from None
+    shards = []
+    with tqdm(total=dstore.count, unit="key", disable=not progress, desc="add (shards)") as bar:
+        for start, keys in dstore.iter_keys(add_chunk):
+            shard = faiss.clone_index(trained)
+            shard.add_with_ids(keys, np.arange(start, start + len(keys), dtype=np.int64))  # global row ids
+            shards.append(f"{index_path}.shard{len(shards)}")
+            faiss.write_index(shard, shards[-1])
+            bar.update(len(keys))
+    index = faiss.clone_index(trained)
+    ivfdata = os.path.abspath(index_path) + ".ivfdata"  # faiss stores this path inside the index file
+    if os.path.exists(ivfdata):
+        os.remove(ivfdata)
+    merge_ondisk(index, shards, ivfdata)
+    for f in shards:
+        os.remove(f)
+    return index
+
+
 def build_index(
     dstore: Datastore,
     index_path: str,
@@ -105,6 +135,7 @@ def build_index(
     use_gpu: bool = False,
     progress: bool = True,
     checkpoint_seconds: float = 600.0,
+    ondisk: bool = False,
 ) -> Dict:
     """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically.
 
@@ -121,7 +152,7 @@ def build_index(
         logger.info(f"{factory} scaled to {used} for {n_train:,} training keys")
     partial, partial_meta = index_path + ".partial", index_path + ".partial.json"  # snapshots: INDEX.partial.<n>
     identity = {"fingerprint": dstore.fingerprint, "factory": used, "metric": metric, "train_size": n_train,
-                "seed": seed}
+                "seed": seed, "ondisk": ondisk}
     resume = _read_partial(partial, partial_meta, identity)
     if resume is not None:
         index, done = resume
@@ -145,21 +176,26 @@ def build_index(
             index = faiss.index_gpu_to_cpu(work) if use_gpu else index
         train_s, add_s = time.time() - t0, 0.0
         _write_partial(index, partial, partial_meta, identity, train_s, add_s)  # training is the costly part
-    work = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
-    from tqdm import tqdm
+    if ondisk:
+        t0 = time.time()
+        index = _add_ondisk(index, dstore, index_path, add_chunk, progress)
+        add_s = time.time() - t0
+    else:
+        work = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
+        from tqdm import tqdm
 
-    t0, last = time.time(), time.time()
-    with tqdm(total=dstore.count, initial=index.ntotal, unit="key", disable=not progress, desc="add") as bar:
-        for _, keys in dstore.iter_keys(add_chunk, start=index.ntotal):
-            work.add(keys)
-            bar.update(len(keys))
-            if time.time() - last >= checkpoint_seconds and work.ntotal < dstore.count:
-                snapshot = faiss.index_gpu_to_cpu(work) if use_gpu else work
-                _write_partial(snapshot, partial, partial_meta, identity, train_s, add_s + time.time() - t0)
-                last = time.time()
-    add_s += time.time() - t0
-    if use_gpu:
-        index = faiss.index_gpu_to_cpu(work)
+        t0, last = time.time(), time.time()
+        with tqdm(total=dstore.count, initial=index.ntotal, unit="key", disable=not progress, desc="add") as bar:
+            for _, keys in dstore.iter_keys(add_chunk, start=index.ntotal):
+                work.add(keys)
+                bar.update(len(keys))
+                if time.time() - last >= checkpoint_seconds and work.ntotal < dstore.count:
+                    snapshot = faiss.index_gpu_to_cpu(work) if use_gpu else work
+                    _write_partial(snapshot, partial, partial_meta, identity, train_s, add_s + time.time() - t0)
+                    last = time.time()
+        add_s += time.time() - t0
+        if use_gpu:
+            index = faiss.index_gpu_to_cpu(work)
     _write_index_atomic(index, index_path)
     meta = {
         "index_digest": index_digest(index_path),

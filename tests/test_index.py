@@ -345,3 +345,27 @@ def test_console_script_missing_datastore(tmp_path):
     assert "does not exist" in proc.stderr
     assert not os.path.exists(tmp_path / "nowhere")
 
+
+
+def test_ondisk_ivf_lists_search_like_the_in_memory_index(store, ivfpq, tmp_path):
+    """--ondisk: same trained index (same seed), lists merged into a memory-mapped .ivfdata: same answers."""
+    path = os.path.join(store.path, "ondisk.faiss")
+    meta = ix.build_index(store, path, factory="IVF32,PQ8x4", metric="l2", add_chunk=700, progress=False,
+                          ondisk=True)
+    assert os.path.exists(path + ".ivfdata") and not [f for f in os.listdir(store.path) if ".shard" in f]
+    on, _ = ix.load_index(path, store)
+    mem, _ = ix.load_index(ivfpq[0], store)
+    assert on.ntotal == mem.ntotal == store.count and meta["ntotal"] == store.count
+    assert os.path.getsize(path + ".ivfdata") > os.path.getsize(path)  # the lists live outside the index file
+    q = np.asarray(store.keys[:NQ], dtype=np.float32)
+    for index in (on, mem):
+        ix.set_nprobe(index, 8)
+    d_on, i_on = on.search(q, 10)
+    d_mem, i_mem = mem.search(q, 10)
+    np.testing.assert_array_equal(i_on, i_mem)
+    np.testing.assert_allclose(d_on, d_mem, rtol=1e-6)
+
+
+def test_ondisk_needs_an_ivf_factory(store, tmp_path):
+    with pytest.raises(DatastoreError, match="--ondisk needs an IVF factory"):
+        ix.build_index(store, str(tmp_path / "flat.faiss"), factory="Flat", progress=False, ondisk=True)

@@ -23,6 +23,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
     p.add_argument("--checkpoint-seconds", type=float, default=600.0,
                    help="save the keys added so far this often; re-running the same command after a crash resumes")
+    p.add_argument("--ondisk", action="store_true",
+                   help="IVF lists in INDEX.ivfdata, memory-mapped when searching (faiss OnDiskInvertedLists): for "
+                        "datastores whose index does not fit in RAM; keep the .ivfdata file next to the index")
     p.add_argument("--no-progress-bar", action="store_true")
     return p
 
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
         dstore = Datastore.open(args.dstore_dir)
         build_index(dstore, out, factory=args.factory, metric=args.metric, train_size=args.train_size,
                     add_chunk=args.add_chunk, seed=args.seed, use_gpu=args.gpu,
-                    progress=not args.no_progress_bar, checkpoint_seconds=args.checkpoint_seconds)
+                    progress=not args.no_progress_bar, checkpoint_seconds=args.checkpoint_seconds,
+                    ondisk=args.ondisk)
     except DatastoreError as e:
         print(f"knnlm-build-index: error: {e}", file=sys.stderr)
         return 2
