@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from .shards import RowConcat, combined_manifest, shard_name
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +266,27 @@ class DatastoreWriter:
 
 
 class Datastore:
-    """A finished datastore, memory-mapped: nothing is read until rows are indexed."""
+    """A finished datastore, memory-mapped: nothing is read until rows are indexed.
 
-    def __init__(self, path: str, manifest: Dict, keys: np.ndarray, vals: np.ndarray):
+    A sharded one (see shards.py) reads as the concatenation of its shards; `parts` are the underlying
+    single datastores in row order.
+    """
+
+    def __init__(self, path: str, manifest: Dict, keys: np.ndarray, vals: np.ndarray, parts=None):
         self.path, self.manifest, self.keys, self.vals = path, manifest, keys, vals
+        self.parts = parts or [self]
+
+    @property
+    def key_parts(self):
+        return [p.keys for p in self.parts]
+
+    @property
+    def val_parts(self):
+        return [p.vals for p in self.parts]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [p.count for p in self.parts])  # (P + 1,)
 
     @property
     def count(self) -> int:
@@ -297,6 +316,8 @@ class Datastore:
             raise DatastoreError(f"{mpath} is not valid JSON ({e}); re-run the dump") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatastoreError(f"{mpath} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+        if "shards" in manifest:
+            return cls._open_sharded(path, manifest, in_memory)
         n, dim = manifest["count"], manifest["dim"]
         mode = None if in_memory else "r"
         arrays = {}
@@ -314,8 +335,24 @@ class Datastore:
             arrays[name] = arr
         return cls(path, manifest, arrays["keys"], arrays["vals"])
 
+    @classmethod
+    def _open_sharded(cls, path: str, manifest: Dict, in_memory: bool) -> "Datastore":
+        parts = []
+        for shard in manifest["shards"]:
+            spath = os.path.normpath(os.path.join(path, shard["path"]))
+            ds = cls.open(spath, in_memory)
+            if ds.count != shard["count"] or ds.fingerprint != shard["fingerprint"]:
+                raise DatastoreError(f"shard {spath} is not the datastore {path}/{MANIFEST} was made from (changed "
+                                     f"or replaced since); merge the shards again")
+            parts.extend(ds.parts)
+        return cls(path, manifest, RowConcat([p.keys for p in parts]), RowConcat([p.vals for p in parts]), parts)
+
     def verify(self) -> None:
         """Re-hash both arrays against the manifest (reads every byte)."""
+        if len(self.parts) > 1 or self.parts[0] is not self:
+            for part in self.parts:
+                part.verify()
+            return
         for name in ("keys", "vals"):
             fpath = os.path.join(self.path, self.manifest["files"][name])
             h = hashlib.sha256()
@@ -360,3 +397,42 @@ class Datastore:
         """(start, float32 keys) in row order from row `start`, chunk by chunk: never the whole array in memory."""
         for start in range(start, self.count, chunk):
             yield start, np.asarray(self.keys[start : start + chunk], dtype=np.float32)
+
+
+def merge(out_dir: str, sources: List[str], same_dump: bool = False) -> Dict:
+    """Write out_dir/manifest.json describing `sources` (complete datastores) read as one; copies no rows."""
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise DatastoreError(f"{out_dir} already holds a datastore; choose another output directory")
+    if not sources:
+        raise DatastoreError("nothing to merge: name at least one datastore")
+    shards = [(src, Datastore.open(src).manifest) for src in sources]
+    try:
+        manifest = combined_manifest(out_dir, shards, same_dump)
+    except ValueError as e:
+        raise DatastoreError(str(e)) from None
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def assemble_shards(path: str, num_shards: int) -> Optional[Dict]:
+    """After one shard of a multi-worker dump finishes: if every shard has, write the datastore's manifest.
+
+    Each worker calls this after closing its own shard, so the last one to finish always sees all of them;
+    two finishing together write the same manifest (atomic rename), so no coordination is needed.
+    """
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    done = [n for n in names if os.path.exists(os.path.join(path, n, MANIFEST))]
+    if len(done) < num_shards:
+        logger.info(f"{len(done)} of {num_shards} shards of {path} are complete; the datastore is complete when all are")
+        return None
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return Datastore.open(path).manifest
+    shards = [(os.path.join(path, n), Datastore.open(os.path.join(path, n)).manifest) for n in names]
+    try:
+        manifest = combined_manifest(path, shards, same_dump=True)
+    except ValueError as e:
+        raise DatastoreError(str(e)) from None
+    write_json_atomic(os.path.join(path, MANIFEST), manifest)
+    logger.info(f"datastore {path}: {manifest['count']:,} entries in {num_shards} shards")
+    return manifest

@@ -268,8 +268,9 @@ class Retriever:
         # torch views of the memmaps: index_select gathers rows in parallel, unlike numpy fancy indexing
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write through these
-            self.keys = torch.from_numpy(np.asarray(dstore.keys))  # (n, dim) float16
-            self.vals = torch.from_numpy(np.asarray(dstore.vals)).long()  # (n,) small: held in memory
+            self.key_parts = [torch.from_numpy(np.asarray(k)) for k in dstore.key_parts]  # [(n_p, dim) float16]
+            self.vals = torch.from_numpy(np.concatenate([np.asarray(v) for v in dstore.val_parts])).long()  # (n,)
+        self.offsets = torch.from_numpy(dstore.offsets)  # (P + 1,) first row of each shard
         self.chunk_floats = chunk_floats  # floats per exact-distance chunk: 16 MB stays in cache
 
     def search(self, queries: torch.Tensor, both: bool = False):
@@ -293,6 +294,17 @@ class Retriever:
         dists = exact if self.exact else approx
         return dists.to(queries.device), vals.to(queries.device)
 
+    def gather_keys(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stored keys of datastore rows `ids` (m,) -> (m, dim), across shards."""
+        if len(self.key_parts) == 1:
+            return self.key_parts[0].index_select(0, ids)
+        which = torch.searchsorted(self.offsets, ids, right=True) - 1  # (m,) shard of each row
+        out = torch.empty(ids.numel(), self.dstore.dim, dtype=self.key_parts[0].dtype)
+        for p in which.unique().tolist():
+            sel = (which == p).nonzero().squeeze(1)
+            out[sel] = self.key_parts[p].index_select(0, ids[sel] - self.offsets[p])
+        return out
+
     def exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Distances from the stored keys: one gather per chunk of queries, bounded memory. (N, k)"""
         n, k = ids.shape
@@ -300,7 +312,7 @@ class Retriever:
         step = max(1, self.chunk_floats // (k * self.dstore.dim))
         for s in range(0, n, step):
             qs = q[s : s + step]  # (c, dim)
-            keys = self.keys.index_select(0, ids[s : s + step].reshape(-1)).view(-1, k, self.dstore.dim).float()
+            keys = self.gather_keys(ids[s : s + step].reshape(-1)).view(-1, k, self.dstore.dim).float()
             dots = torch.bmm(keys, qs.unsqueeze(-1)).squeeze(-1)  # (c, k)
             if self.metric == "l2":
                 sq = torch.linalg.vector_norm(keys, dim=-1).square_() + qs.square().sum(-1, keepdim=True)

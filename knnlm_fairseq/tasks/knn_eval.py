@@ -15,10 +15,11 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from omegaconf import II
 
 from ..checkpoints import checkpoint_identity
-from ..datastore import Datastore, DatastoreError, DatastoreWriter, dictionary_sha256
+from ..datastore import Datastore, DatastoreError, DatastoreWriter, assemble_shards, dictionary_sha256
 from ..errors import install_excepthook
 from ..index import open_retriever
 from ..retrieval_log import RetrievalLogWriter
+from ..shards import shard_name, shard_range
 from ..keys import KEY_TYPES, key_dim
 from ..models.knnlm import KnnLM
 
@@ -86,6 +87,7 @@ class KnnEvalTask(LanguageModelingTask):
         if args.save_dstore and os.path.exists(os.path.join(args.dstore_dir, "manifest.json")):
             raise DatastoreError(f"{args.dstore_dir} already holds a datastore; pass a new --dstore-dir")
         self.knn_models = []
+        self.num_shards = 1
 
     def _checkpoint(self):
         path = self.args.checkpoint_path
@@ -127,10 +129,19 @@ class KnnEvalTask(LanguageModelingTask):
         self.knn_models.append(wrapped)
         return wrapped
 
-    def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
+    def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, num_shards: int = 1, shard_id: int = 0,
+                           **kwargs):
+        # fairseq deals batches out round-robin, but the context window is carried from the previous batch of the
+        # same process: shard i would see shard i-1's text as context. Every worker walks all batches instead
+        # (collating is cheap) and scores a contiguous run, so shards in id order are the single-worker dump.
         itr = super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
+        if num_shards > 1:
+            if not self.args.save_dstore:
+                raise DatastoreError(f"fairseq-eval-lm reports each of the {num_shards} workers' perplexity "
+                                     f"separately; evaluate in one process (shard only --save-dstore)")
+            itr = _BatchRange(itr, *shard_range(len(itr), shard_id, num_shards))
         if self.args.save_dstore:
-            self._start_dump(self._split_of(dataset), context_window)
+            self._start_dump(self._split_of(dataset), context_window, num_shards, shard_id)
             writer = self.knn_models[0].writer
             if writer.skip:
                 itr = _SkipWritten(itr, writer, self.dictionary.pad())
@@ -138,12 +149,15 @@ class KnnEvalTask(LanguageModelingTask):
             self._start_retrieval_log(dataset)
         return _ThenFinish(itr, self._finish)
 
-    def _start_dump(self, split: Optional[str], context_window: int) -> None:
+    def _start_dump(self, split: Optional[str], context_window: int, num_shards: int = 1, shard_id: int = 0) -> None:
         import torch
 
         if len(self.knn_models) != 1:
             raise DatastoreError("--save-dstore dumps exactly one model; pass one checkpoint in --path")
         model = self.knn_models[0]
+        self.num_shards = num_shards
+        path = self.args.dstore_dir if num_shards == 1 else os.path.join(self.args.dstore_dir,
+                                                                         shard_name(shard_id, num_shards))
         meta = {
             "key_type": str(self.args.knn_keytype),
             "split": split,
@@ -157,8 +171,10 @@ class KnnEvalTask(LanguageModelingTask):
             "dictionary": {"size": len(self.dictionary), "sha256": dictionary_sha256(self.dictionary.symbols)},
             "versions": {"fairseq": fairseq_version, "torch": torch.__version__},
         }
+        if num_shards > 1:
+            meta["shard"] = {"id": shard_id, "of": num_shards}
         model.writer = DatastoreWriter(
-            self.args.dstore_dir, key_dim(model.decoder, str(self.args.knn_keytype)), len(self.dictionary), meta,
+            path, key_dim(model.decoder, str(self.args.knn_keytype)), len(self.dictionary), meta,
             key_dtype=str(self.args.dstore_key_dtype), commit_seconds=self.args.dstore_commit_seconds,
         )
 
@@ -183,6 +199,8 @@ class KnnEvalTask(LanguageModelingTask):
             if model.writer is not None:
                 model.writer.close()
                 model.writer = None
+                if self.num_shards > 1:
+                    assemble_shards(self.args.dstore_dir, self.num_shards)
             if model.knn_queries:
                 logger.info(
                     f"kNN retrieval: {model.knn_queries:,} queries in {model.knn_seconds:.1f}s "
@@ -219,6 +237,32 @@ class _SkipWritten:
                             f"printed below covers only the rest")
                 self.logged = True
             return sample
+
+
+class _BatchRange:
+    """Batches [start, stop) of an epoch iterator; the ones before are still drawn (and collated), never scored."""
+
+    def __init__(self, itr, start: int, stop: int):
+        self.itr, self.start, self.stop, self.pos = itr, start, stop, 0
+
+    def __len__(self):
+        return self.stop - self.start
+
+    @property
+    def n(self):
+        return max(self.pos - self.start, 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self.pos < self.start:
+            next(self.itr)
+            self.pos += 1
+        if self.pos >= self.stop:
+            raise StopIteration
+        self.pos += 1
+        return next(self.itr)
 
 
 class _ThenFinish:
