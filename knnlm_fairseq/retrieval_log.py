@@ -26,15 +26,24 @@ ARRAYS = {  # name -> (dtype, has a k axis)
 }
 
 
+# a continuous-cache log (--save-cache), from a base-LM pass; knnlm-sweep aligns it with a retrieval log
+CACHE_ARRAYS = {  # name -> (dtype, has a θ axis)
+    "target": (np.int32, False),
+    "lm_lp": (np.float32, False),
+    "cache_lp": (np.float32, True),  # log p_cache(target) for each θ of meta["thetas"]; -inf if not cached
+    "found": (np.bool_, False),  # any cached position at all (a split's first token has none)
+}
+
+
 class RetrievalLogWriter:
-    def __init__(self, path: str, k: int, meta: Dict):
+    def __init__(self, path: str, k: int, meta: Dict, arrays: Dict = ARRAYS, flag: str = "--save-retrieval"):
         if os.path.exists(os.path.join(path, META)):
-            raise DatastoreError(f"{path} already holds a retrieval log; pass a new --save-retrieval directory")
+            raise DatastoreError(f"{path} already holds a log; pass a new {flag} directory")
         os.makedirs(path, exist_ok=True)
         self.path, self.k, self.meta = path, k, dict(meta)
         self.files = {
             name: StreamingNpy(os.path.join(path, f"{name}.npy"), dtype, (k,) if has_k else ())
-            for name, (dtype, has_k) in ARRAYS.items()
+            for name, (dtype, has_k) in arrays.items()
         }
 
     def add(self, **arrays: np.ndarray) -> None:
@@ -53,18 +62,18 @@ class RetrievalLogWriter:
 
 
 class RetrievalLog:
-    """A finished retrieval log, memory-mapped."""
+    """A finished retrieval log (or, with arrays=CACHE_ARRAYS, a cache log), memory-mapped."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, arrays: Dict = ARRAYS):
         mpath = os.path.join(path, META)
         if not os.path.exists(mpath):
-            raise DatastoreError(
-                f"{path} has no {META}: not a finished retrieval log; run fairseq-eval-lm --knnlm --save-retrieval {path}"
-            )
+            what, how = ("retrieval", "--knnlm --save-retrieval") if arrays is ARRAYS else ("cache", "--cache-size N "
+                                                                                            "--save-cache")
+            raise DatastoreError(f"{path} has no {META}: not a finished {what} log; run fairseq-eval-lm {how} {path}")
         with open(mpath) as f:
             self.meta = json.load(f)
         self.path = path
-        for name, (dtype, has_k) in ARRAYS.items():
+        for name, (dtype, has_k) in arrays.items():
             arr = np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
             shape = (self.meta["count"], self.meta["k"]) if has_k else (self.meta["count"],)
             if arr.shape != shape or arr.dtype != dtype:

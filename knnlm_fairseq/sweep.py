@@ -38,20 +38,12 @@ def sweep(log: RetrievalLog, lmbdas: Sequence[float], ks: Sequence[int], temps: 
         cols = torch.tensor([k - 1 for k in ks])  # prefix ends: the k nearest in faiss's order
         for kind in kinds:
             dist = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[s : s + chunk]))  # (c, K)
-            ok = torch.isfinite(dist)
-            found = ok.cumsum(1).index_select(1, cols).gt(0).unsqueeze(-1)  # (c, nk, 1); none: eval keeps the LM
-            d = dist.masked_fill(~ok, float("inf"))
-            d_min = d.amin(1, keepdim=True).masked_fill(~ok.any(1, keepdim=True), 0.0)  # any per-row shift cancels
             for j, t in enumerate(temps):
-                logits = (-(d - d_min) / t).masked_fill(~ok, float("-inf"))  # (c, K)
-                # every k at once: log Σ over each prefix, for all neighbours and for those that are the target
-                lse_all = torch.logcumsumexp(logits, 1).index_select(1, cols)  # (c, nk)
-                lse_hit = torch.logcumsumexp(logits.masked_fill(~hit, float("-inf")), 1).index_select(1, cols)
-                knn = (lse_hit - lse_all.masked_fill(~found.squeeze(-1), 0.0)).double().unsqueeze(-1)  # (c, nk, 1)
+                knn, found = _prefix_knn_lp(dist, hit, cols, t)  # (c, nk) each
                 lm3 = lm.view(-1, 1, 1)
-                mix = torch.logaddexp(lm3 + log_1m, knn + log_l)  # (c, nk, L)
+                mix = torch.logaddexp(lm3 + log_1m, knn.unsqueeze(-1) + log_l)  # (c, nk, L)
                 mix = torch.where(lam == 0, lm3, mix)
-                mix = torch.where(found, mix, lm3)
+                mix = torch.where(found.unsqueeze(-1), mix, lm3)  # no neighbour: eval keeps the LM
                 totals[kind][:, j] += mix.sum(0)
     n = log.count
     return {
@@ -60,6 +52,56 @@ def sweep(log: RetrievalLog, lmbdas: Sequence[float], ks: Sequence[int], temps: 
         "lmbdas": list(lmbdas), "ks": list(ks), "temps": list(temps),
         "ppl": {kind: torch.exp(-tot / n).numpy() for kind, tot in totals.items()},
     }
+
+
+def _prefix_knn_lp(dist: torch.Tensor, hit: torch.Tensor, cols: torch.Tensor, temp: float):
+    """log p_kNN(target) from the first k neighbours, for every k of cols (= k - 1) at once: (c, nk) float64,
+    and whether any of those k was found (c, nk)."""
+    ok = torch.isfinite(dist)  # (c, K)
+    found = ok.cumsum(1).index_select(1, cols).gt(0)  # (c, nk)
+    d = dist.masked_fill(~ok, float("inf"))
+    d_min = d.amin(1, keepdim=True).masked_fill(~ok.any(1, keepdim=True), 0.0)  # any per-row shift cancels
+    logits = (-(d - d_min) / temp).masked_fill(~ok, float("-inf"))  # (c, K)
+    # log Σ over each prefix, for all neighbours and for those that are the target
+    lse_all = torch.logcumsumexp(logits, 1).index_select(1, cols)  # (c, nk)
+    lse_hit = torch.logcumsumexp(logits.masked_fill(~hit, float("-inf")), 1).index_select(1, cols)
+    return (lse_hit - lse_all.masked_fill(~found, 0.0)).double(), found
+
+
+def token_log_probs(log: RetrievalLog, kind: str, k: int, temp: float, lmbda: float, chunk: int = 16384) -> np.ndarray:
+    """Each token's kNN-LM log-prob of its target at one setting, (n,) float64 (λ=0: the LM's)."""
+    out = np.empty(log.count)
+    cols = torch.tensor([k - 1])
+    for s in range(0, log.count, chunk):
+        tgt = torch.from_numpy(np.asarray(log.target[s : s + chunk], dtype=np.int64))  # (c,)
+        lm = torch.from_numpy(np.asarray(log.lm_lp[s : s + chunk], dtype=np.float64))  # (c,)
+        if lmbda == 0:
+            out[s : s + chunk] = lm.numpy()
+            continue
+        vals = torch.from_numpy(np.asarray(log.vals[s : s + chunk], dtype=np.int64))  # (c, K)
+        dist = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[s : s + chunk]))  # (c, K)
+        knn, found = _prefix_knn_lp(dist, vals.eq(tgt.unsqueeze(-1)), cols, temp)  # (c, 1)
+        mix = torch.logaddexp(lm + math.log1p(-lmbda), knn[:, 0] + math.log(lmbda))
+        out[s : s + chunk] = torch.where(found[:, 0], mix, lm).numpy()
+    return out
+
+
+def sweep_cache(cache_log: RetrievalLog, base_lp: np.ndarray, targets: np.ndarray, mus: Sequence[float]) -> Dict:
+    """Perplexity of (1-μ)·p + μ·p_cache for every θ of the log and μ, (nθ, nμ); p is base_lp's (n,) log-probs of
+    `targets` (the LM's, or kNN-LM's at one setting). Tokens with an empty cache keep p, as eval-lm does."""
+    if len(targets) != cache_log.count or not np.array_equal(np.asarray(cache_log.target), np.asarray(targets)):
+        raise ValueError(f"the cache log {cache_log.path} ({cache_log.count:,} tokens) does not score the same tokens "
+                         f"as its retrieval log ({len(targets):,}); record both with the same split and eval settings")
+    if any(not 0.0 <= m < 1.0 for m in mus):
+        raise ValueError("cache weights must be in [0, 1)")
+    mu = torch.tensor(mus, dtype=torch.float64)  # (M,)
+    base = torch.from_numpy(base_lp).view(-1, 1, 1)  # (n, 1, 1)
+    cache = torch.from_numpy(np.asarray(cache_log.cache_lp, dtype=np.float64)).unsqueeze(-1)  # (n, nθ, 1)
+    found = torch.from_numpy(np.asarray(cache_log.found)).view(-1, 1, 1)
+    mix = torch.logaddexp(base + torch.log1p(-mu), cache + torch.log(mu))  # (n, nθ, M)
+    mix = torch.where((mu == 0) | ~found, base, mix)
+    return {"thetas": list(cache_log.meta["thetas"]), "mus": list(mus),
+            "ppl": torch.exp(-mix.mean(0)).numpy()}
 
 
 def best(result: Dict, kind: str, k: int = None, temp: float = None) -> Dict:

@@ -14,7 +14,7 @@ import types
 
 PKG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "knnlm_fairseq")
 ALIAS = "knnlm_core"
-CORE = ("knn", "datastore", "index", "retrieval_log", "sweep", "shards")
+CORE = ("knn", "datastore", "index", "retrieval_log", "sweep", "shards", "cache")
 
 
 def _package() -> types.ModuleType:

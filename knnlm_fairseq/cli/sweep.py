@@ -9,8 +9,8 @@ import sys
 import numpy as np
 
 from ..datastore import DatastoreError
-from ..retrieval_log import RetrievalLog
-from ..sweep import KINDS, best, lookup, sweep
+from ..retrieval_log import CACHE_ARRAYS, RetrievalLog
+from ..sweep import KINDS, best, lookup, sweep, sweep_cache, token_log_probs
 
 
 def floats(text: str):
@@ -30,8 +30,52 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=ints, default=None, help="comma-separated k grid (default powers of 2 from 8 to the log's k)")
     p.add_argument("--temps", type=floats, default=[1.0], help="comma-separated temperature grid (default 1)")
     p.add_argument("--kinds", default=",".join(KINDS), help="distances to sweep: approx, exact or both")
+    p.add_argument("--cache-logs", nargs="+", default=[],
+                   help="continuous-cache logs (fairseq-eval-lm --cache-size N --save-cache DIR), one per retrieval log "
+                        "in the same order: also tune the cache weight and θ, alone and on top of kNN-LM")
+    p.add_argument("--mus", type=floats, default=[0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4],
+                   help="comma-separated cache weight grid in [0, 1)")
+    p.add_argument("--cache-kind", default="exact", help="kNN distances combined with the cache: approx or exact")
     p.add_argument("--output", help="write the grids and the tuned settings as JSON here")
     return p
+
+
+def cache_sweep(args, logs, tune_result) -> dict:
+    """base, +cache, +kNN, +kNN+cache per log: (θ, μ) tuned on the first log for the cache alone, and (λ, θ, μ) at
+    the first log's tuned k and T for kNN + cache."""
+    if len(args.cache_logs) != len(logs):
+        raise ValueError(f"{len(args.cache_logs)} cache logs for {len(logs)} retrieval logs: pass one per log, in order")
+    kind = args.cache_kind
+    knn = best(tune_result, kind)
+    grids = []  # per log: {"cache": (nθ, M), "knn_cache": (L, nθ, M)}
+    for log, cpath in zip(logs, args.cache_logs):
+        clog = RetrievalLog(cpath, arrays=CACHE_ARRAYS)
+        lm = token_log_probs(log, kind, knn["k"], knn["temp"], 0.0)
+        grids.append({
+            "cache": sweep_cache(clog, lm, log.target, args.mus)["ppl"],
+            "knn_cache": np.stack([sweep_cache(clog, token_log_probs(log, kind, knn["k"], knn["temp"], lm_),
+                                               log.target, args.mus)["ppl"] for lm_ in args.lmbdas]),
+            "thetas": clog.meta["thetas"],
+        })
+    thetas = grids[0]["thetas"]
+    c_i = np.unravel_index(np.argmin(grids[0]["cache"]), grids[0]["cache"].shape)  # (θ, μ)
+    kc_i = np.unravel_index(np.argmin(grids[0]["knn_cache"]), grids[0]["knn_cache"].shape)  # (λ, θ, μ)
+    tuned = {"cache": {"theta": thetas[c_i[0]], "mu": args.mus[c_i[1]]},
+             "knn": knn,
+             "knn_cache": {"kind": kind, "k": knn["k"], "temp": knn["temp"], "lmbda": args.lmbdas[kc_i[0]],
+                           "theta": thetas[kc_i[1]], "mu": args.mus[kc_i[2]]}}
+    rows = []
+    for log, res, g in zip(logs, [tune_result] + [None] * (len(logs) - 1), grids):
+        rows.append({"path": log.path, "split": log.meta.get("split"),
+                     "cache": float(g["cache"][c_i]), "knn_cache": float(g["knn_cache"][kc_i]),
+                     "cache_grid": np.round(g["cache"], 4).tolist(),
+                     "knn_cache_grid_at_tuned_lmbda": np.round(g["knn_cache"][kc_i[0]], 4).tolist()})
+    print(f"cache tuned on {args.cache_logs[0]}: θ={tuned['cache']['theta']} μ={tuned['cache']['mu']}; with kNN "
+          f"({kind}, k={knn['k']}, T={knn['temp']}): λ={tuned['knn_cache']['lmbda']} θ={tuned['knn_cache']['theta']} "
+          f"μ={tuned['knn_cache']['mu']}")
+    for r in rows:
+        print(f"{r['path']}: +cache {r['cache']:.2f}, +kNN+cache {r['knn_cache']:.2f}")
+    return {"mus": args.mus, "thetas": thetas, "lmbdas": args.lmbdas, "tuned": tuned, "logs": rows}
 
 
 def main(argv=None) -> int:
@@ -41,6 +85,7 @@ def main(argv=None) -> int:
         ks = args.ks or [k for k in (2**i for i in range(3, 21)) if k <= logs[0].k]
         kinds = args.kinds.split(",")
         results = [sweep(log, args.lmbdas, ks, args.temps, kinds) for log in logs]
+        cache = cache_sweep(args, logs, results[0]) if args.cache_logs else None
     except (DatastoreError, ValueError) as e:
         print(f"knnlm-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -56,6 +101,8 @@ def main(argv=None) -> int:
         out["logs"].append(row)
         print(f"{path}: base {row['base_ppl']:.2f}, " + ", ".join(f"{k} {v:.2f}" for k, v in row["tuned"].items()))
     out["tuned"] = tuned
+    if cache is not None:
+        out["cache"] = cache
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from fairseq.models import BaseFairseqModel
 
-from .. import knn
+from .. import cache, knn
 from ..keys import KeyCapture
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,14 @@ class KnnLM(BaseFairseqModel):
         self.knn_seconds = 0.0
         self.knn_queries = 0
         self.rows_per_chunk = 256  # interpolated rows per step: 256 x V floats (34 MB at V = 33k)
+        self.cache_size, self.cache_theta, self.cache_lmbda = 0, 1.0, 0.0
+        self.cache_capture = None
+        self.cache_recorder, self.cache_thetas = None, ()  # a CacheLogWriter and its θ grid
+
+    def enable_cache(self, key_type: str, size: int, theta: float, lmbda: float) -> None:
+        """Mix in a continuous cache over the block's own `key_type` states: p = (1-μ)·p_kNN-LM + μ·p_cache."""
+        self.cache_capture = KeyCapture(self.lm.decoder, key_type)
+        self.cache_size, self.cache_theta, self.cache_lmbda = size, theta, lmbda
 
     @property
     def decoder(self):
@@ -45,6 +53,9 @@ class KnnLM(BaseFairseqModel):
         keys = self.capture.keys  # (B, T, C)
         self._keys = keys.reshape(-1, keys.size(-1))  # (B*T, C), the order --softmax-batch chunks in
         self._cursor = 0
+        if self.cache_capture is not None:
+            self._tokens = kwargs["src_tokens"] if "src_tokens" in kwargs else args[0]  # (B, T)
+            self._sims = cache.similarities(self.cache_capture.keys)  # (B, T, T)
         return out
 
     def max_positions(self):
@@ -57,6 +68,7 @@ class KnnLM(BaseFairseqModel):
         lm_lp = self.lm.get_normalized_probs(net_output, log_probs=True, sample=sample)  # (B', T', V)
         n = lm_lp.size(0) * lm_lp.size(1)
         keys = self._keys[self._cursor : self._cursor + n]  # (n, C)
+        first = self._cursor  # flat index into (B*T) of this chunk's first row
         self._cursor += n
         assert keys.size(0) == n, "get_normalized_probs called for more positions than the forward produced"
         target = sample.get("target") if sample is not None else None
@@ -95,4 +107,31 @@ class KnnLM(BaseFairseqModel):
             lp = flat.view(lm_lp.shape)  # reshape may have copied a non-contiguous input: return what we wrote
             self.knn_seconds += time.perf_counter() - t0
             self.knn_queries += int(scored.sum())
+        if self.cache_capture is not None and scored.any():
+            lp = self._mix_cache(lp, lm_lp, first, scored, target)
         return lp if log_probs else lp.exp()
+
+    def _mix_cache(self, lp, lm_lp, first: int, scored, target):
+        """p = (1-μ)·p + μ·p_cache on scored rows that have any cached position; the rest keep p."""
+        n = lm_lp.size(0) * lm_lp.size(1)
+        rows = scored.nonzero().squeeze(1)  # (N,) within this chunk
+        sims, vals, ok = cache.cache_neighbours(self._sims, self._tokens, self.pad, rows + first, self.cache_size)
+        if self.cache_recorder is not None:
+            tgt = target.reshape(-1)[rows]  # (N,)
+            self.cache_recorder.add(
+                target=tgt.cpu().numpy(),
+                lm_lp=lm_lp.reshape(n, -1)[rows].gather(1, tgt.unsqueeze(1)).squeeze(1).float().cpu().numpy(),
+                cache_lp=cache.cache_target_log_probs(sims, vals, ok, tgt, self.cache_thetas).cpu().numpy(),
+                found=ok.any(1).cpu().numpy(),
+            )
+        if self.cache_lmbda == 0:
+            return lp
+        flat = lp.reshape(n, -1)
+        has = ok.any(1).nonzero().squeeze(1)  # rows with an empty cache (a split's first token) keep p
+        dists = cache.cache_dists(sims, ok)
+        for s in range(0, has.numel(), self.rows_per_chunk):
+            sel = has[s : s + self.rows_per_chunk]
+            r = rows[sel]
+            mixed = knn.interpolate_full(flat[r].float(), dists[sel], vals[sel], self.cache_lmbda, 1.0 / self.cache_theta)
+            flat[r] = mixed.to(flat.dtype)
+        return flat.view(lm_lp.shape)

@@ -18,7 +18,7 @@ from ..checkpoints import checkpoint_identity
 from ..datastore import Datastore, DatastoreError, DatastoreWriter, assemble_shards, dictionary_sha256
 from ..errors import install_excepthook
 from ..index import open_retriever
-from ..retrieval_log import RetrievalLogWriter
+from ..retrieval_log import CACHE_ARRAYS, RetrievalLogWriter
 from ..shards import shard_name, shard_range
 from ..keys import KEY_TYPES, key_dim
 from ..models.knnlm import KnnLM
@@ -64,6 +64,26 @@ class KnnEvalConfig(LanguageModelingConfig):
         metadata={"help": "with --knnlm: also write every token's LM log-prob, neighbours and distances (approx "
                           "and exact) to this directory, for knnlm-sweep"},
     )
+    cache_size: int = field(
+        default=0,
+        metadata={"help": "continuous cache (Grave et al. 2017): the last N positions of the block being scored, "
+                          "context window included, as a local datastore; 0: off"},
+    )
+    cache_theta: float = field(default=0.3, metadata={"help": "θ in p_cache(w) ∝ Σ exp(θ · h_t · h_i)"})
+    cache_lmbda: float = field(
+        default=0.1, metadata={"help": "weight of the cache: p = (1 - w) · p_kNN-LM + w · p_cache"}
+    )
+    cache_keytype: ChoiceEnum(list(KEY_TYPES)) = field(
+        default="last_block_output",
+        metadata={"help": "cached states h (default: the last block's output, what the softmax sees in pre-norm "
+                          "models without a final norm)"},
+    )
+    save_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --cache-size and without --knnlm: write every token's LM log-prob and cache log-prob "
+                          "for each θ of --cache-thetas to this directory, for knnlm-sweep --cache-logs"},
+    )
+    cache_thetas: str = field(default="0.01,0.03,0.1,0.3,1", metadata={"help": "θ grid of --save-cache"})
     # owned by other groups: where the model came from (datastore provenance and checks)
     checkpoint_path: Optional[str] = II("common_eval.path")
 
@@ -84,6 +104,12 @@ class KnnEvalTask(LanguageModelingTask):
             raise DatastoreError("--save-retrieval records what --knnlm retrieves; add --knnlm")
         if args.knnlm and args.knn_temp <= 0:
             raise DatastoreError(f"--knn-temp must be > 0, got {args.knn_temp}")
+        if args.cache_size < 0 or args.cache_theta <= 0 or not 0.0 <= args.cache_lmbda < 1.0:
+            raise DatastoreError(f"need --cache-size >= 0, --cache-theta > 0 and --cache-lmbda in [0, 1); got "
+                                 f"{args.cache_size}, {args.cache_theta}, {args.cache_lmbda}")
+        if args.save_cache and (args.knnlm or not args.cache_size):
+            raise DatastoreError("--save-cache records the cache in a base-LM pass: pass --cache-size N and no --knnlm "
+                                 "(knnlm-sweep --cache-logs combines it with a retrieval log)")
         if args.save_dstore and os.path.exists(os.path.join(args.dstore_dir, "manifest.json")):
             raise DatastoreError(f"{args.dstore_dir} already holds a datastore; pass a new --dstore-dir")
         self.knn_models = []
@@ -105,7 +131,7 @@ class KnnEvalTask(LanguageModelingTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if not (self.args.knnlm or self.args.save_dstore):
+        if not (self.args.knnlm or self.args.save_dstore or self.args.cache_size):
             return model
         key_type = str(self.args.knn_keytype)
         retriever = None
@@ -126,6 +152,9 @@ class KnnEvalTask(LanguageModelingTask):
             )
         wrapped = KnnLM(model, key_type, self.dictionary.pad(), len(self.dictionary), retriever,
                         self.args.lmbda, self.args.knn_temp)
+        if self.args.cache_size:
+            wrapped.enable_cache(str(self.args.cache_keytype), self.args.cache_size, self.args.cache_theta,
+                                 self.args.cache_lmbda)
         self.knn_models.append(wrapped)
         return wrapped
 
@@ -147,7 +176,18 @@ class KnnEvalTask(LanguageModelingTask):
                 itr = _SkipWritten(itr, writer, self.dictionary.pad())
         if self.args.save_retrieval:
             self._start_retrieval_log(dataset)
+        if self.args.save_cache:
+            self._start_cache_log(dataset, context_window)
         return _ThenFinish(itr, self._finish)
+
+    def _start_cache_log(self, dataset, context_window: int) -> None:
+        model = self.knn_models[0]
+        model.cache_thetas = [float(x) for x in str(self.args.cache_thetas).split(",")]
+        model.cache_recorder = RetrievalLogWriter(self.args.save_cache, len(model.cache_thetas), {
+            "split": self._split_of(dataset), "thetas": model.cache_thetas, "cache_size": self.args.cache_size,
+            "cache_keytype": str(self.args.cache_keytype), "context_window": context_window,
+            "checkpoint": self._checkpoint(),
+        }, arrays=CACHE_ARRAYS, flag="--save-cache")
 
     def _start_dump(self, split: Optional[str], context_window: int, num_shards: int = 1, shard_id: int = 0) -> None:
         import torch
@@ -196,6 +236,9 @@ class KnnEvalTask(LanguageModelingTask):
             if model.recorder is not None:
                 model.recorder.close()
                 model.recorder = None
+            if model.cache_recorder is not None:
+                model.cache_recorder.close()
+                model.cache_recorder = None
             if model.writer is not None:
                 model.writer.close()
                 model.writer = None
