@@ -68,22 +68,29 @@ def _prefix_knn_lp(dist: torch.Tensor, hit: torch.Tensor, cols: torch.Tensor, te
     return (lse_hit - lse_all.masked_fill(~found, 0.0)).double(), found
 
 
-def token_log_probs(log: RetrievalLog, kind: str, k: int, temp: float, lmbda: float, chunk: int = 16384) -> np.ndarray:
-    """Each token's kNN-LM log-prob of its target at one setting, (n,) float64 (λ=0: the LM's)."""
-    out = np.empty(log.count)
+def token_log_probs(log: RetrievalLog, kind: str, k: int, temp: float, chunk: int = 16384):
+    """Per token: the LM's and the kNN's log-prob of its target at one (k, T), and whether any neighbour was found.
+    (n,) float64, (n,) float64, (n,) bool. Mix with `mix_knn` for any λ."""
+    lm, knn = np.empty(log.count), np.empty(log.count)
+    found = np.empty(log.count, dtype=bool)
     cols = torch.tensor([k - 1])
     for s in range(0, log.count, chunk):
         tgt = torch.from_numpy(np.asarray(log.target[s : s + chunk], dtype=np.int64))  # (c,)
-        lm = torch.from_numpy(np.asarray(log.lm_lp[s : s + chunk], dtype=np.float64))  # (c,)
-        if lmbda == 0:
-            out[s : s + chunk] = lm.numpy()
-            continue
         vals = torch.from_numpy(np.asarray(log.vals[s : s + chunk], dtype=np.int64))  # (c, K)
         dist = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[s : s + chunk]))  # (c, K)
-        knn, found = _prefix_knn_lp(dist, vals.eq(tgt.unsqueeze(-1)), cols, temp)  # (c, 1)
-        mix = torch.logaddexp(lm + math.log1p(-lmbda), knn[:, 0] + math.log(lmbda))
-        out[s : s + chunk] = torch.where(found[:, 0], mix, lm).numpy()
-    return out
+        kl, f = _prefix_knn_lp(dist, vals.eq(tgt.unsqueeze(-1)), cols, temp)  # (c, 1) each
+        lm[s : s + chunk] = np.asarray(log.lm_lp[s : s + chunk], dtype=np.float64)
+        knn[s : s + chunk], found[s : s + chunk] = kl[:, 0].numpy(), f[:, 0].numpy()
+    return lm, knn, found
+
+
+def mix_knn(lm: np.ndarray, knn: np.ndarray, found: np.ndarray, lmbda: float) -> np.ndarray:
+    """log(λ·p_kNN + (1-λ)·p_LM) per token, as eval-lm computes it (the LM's where nothing was found or λ=0)."""
+    if lmbda == 0:
+        return lm
+    with np.errstate(divide="ignore"):
+        mix = np.logaddexp(lm + math.log1p(-lmbda), knn + math.log(lmbda))
+    return np.where(found, mix, lm)
 
 
 def sweep_cache(cache_log: RetrievalLog, base_lp: np.ndarray, targets: np.ndarray, mus: Sequence[float]) -> Dict:

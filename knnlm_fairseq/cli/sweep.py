@@ -10,7 +10,7 @@ import numpy as np
 
 from ..datastore import DatastoreError
 from ..retrieval_log import CACHE_ARRAYS, RetrievalLog
-from ..sweep import KINDS, best, lookup, sweep, sweep_cache, token_log_probs
+from ..sweep import KINDS, best, lookup, mix_knn, sweep, sweep_cache, token_log_probs
 
 
 def floats(text: str):
@@ -50,11 +50,11 @@ def cache_sweep(args, logs, tune_result) -> dict:
     grids = []  # per log: {"cache": (nθ, M), "knn_cache": (L, nθ, M)}
     for log, cpath in zip(logs, args.cache_logs):
         clog = RetrievalLog(cpath, arrays=CACHE_ARRAYS)
-        lm = token_log_probs(log, kind, knn["k"], knn["temp"], 0.0)
+        lm, knn_lp, found = token_log_probs(log, kind, knn["k"], knn["temp"])
         grids.append({
             "cache": sweep_cache(clog, lm, log.target, args.mus)["ppl"],
-            "knn_cache": np.stack([sweep_cache(clog, token_log_probs(log, kind, knn["k"], knn["temp"], lm_),
-                                               log.target, args.mus)["ppl"] for lm_ in args.lmbdas]),
+            "knn_cache": np.stack([sweep_cache(clog, mix_knn(lm, knn_lp, found, lam), log.target, args.mus)["ppl"]
+                                   for lam in args.lmbdas]),
             "thetas": clog.meta["thetas"],
         })
     thetas = grids[0]["thetas"]
@@ -65,7 +65,7 @@ def cache_sweep(args, logs, tune_result) -> dict:
              "knn_cache": {"kind": kind, "k": knn["k"], "temp": knn["temp"], "lmbda": args.lmbdas[kc_i[0]],
                            "theta": thetas[kc_i[1]], "mu": args.mus[kc_i[2]]}}
     rows = []
-    for log, res, g in zip(logs, [tune_result] + [None] * (len(logs) - 1), grids):
+    for log, g in zip(logs, grids):
         rows.append({"path": log.path, "split": log.meta.get("split"),
                      "cache": float(g["cache"][c_i]), "knn_cache": float(g["knn_cache"][kc_i]),
                      "cache_grid": np.round(g["cache"], 4).tolist(),
