@@ -49,3 +49,25 @@ def binarize_wt2_slice(dest: str, train_lines: int, valid_lines: int) -> str:
             "--trainpref", os.path.join(dest, "train.txt"), "--validpref", os.path.join(dest, "valid.txt"),
             "--destdir", bin_dir, "--workers", "1")
     return bin_dir
+
+
+# one thread per process: tests run CLIs two at a time on 2 cores, and oversubscribed torch/faiss pools spin-wait
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def random_lines(path, rng, n: int, vocab: int, lo: int = 5, hi: int = 25) -> None:
+    """n lines of lo..hi random words w0..w{vocab-1}: a corpus with nothing to learn but word frequencies."""
+    words = [f"w{i}" for i in range(vocab)]
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(" ".join(rng.choice(words, size=rng.integers(lo, hi))) + "\n")
+
+
+def tiny_lm(tmp, valid_txt, max_update: int) -> None:
+    """Binarize tmp/train.txt (+ valid_txt) into tmp/bin and train knnlm_tiny into tmp/ckpt/checkpoint_last.pt."""
+    run_cli("fairseq-preprocess", "--only-source", "--trainpref", os.path.join(tmp, "train.txt"), "--validpref",
+            valid_txt, "--destdir", os.path.join(tmp, "bin"), "--workers", "1")
+    run_cli("fairseq-train", os.path.join(tmp, "bin"), "--user-dir", USER_DIR, "--task", "language_modeling",
+            "--arch", "knnlm_tiny", "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024",
+            "--tokens-per-sample", "64", "--max-update", max_update, "--save-dir", os.path.join(tmp, "ckpt"),
+            "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--disable-validation", env=ONE_THREAD)

@@ -6,30 +6,20 @@ import math
 import numpy as np
 import pytest
 
-from clis import USER_DIR, loss_and_ppl, run_cli
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from clis import ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
     rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(200)]
-    with open(tmp / "train.txt", "w") as f:
-        for _ in range(300):
-            f.write(" ".join(rng.choice(words, size=rng.integers(5, 25))) + "\n")
+    random_lines(tmp / "train.txt", rng, 300, 200)
     # valid: every line said twice, as names and phrases recur within a document (well inside one block)
     with open(tmp / "valid.txt", "w") as f:
         for _ in range(30):
-            line = " ".join(rng.choice(words, size=10))
+            line = " ".join(f"w{i}" for i in rng.integers(0, 200, size=10))
             f.write(f"{line} {line}\n")
-    run_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "valid.txt",
-            "--destdir", tmp / "bin", "--workers", "1")
-    run_cli("fairseq-train", tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
-            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", "64",
-            "--max-update", "30", "--save-dir", tmp / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
-            "--disable-validation", env=ONE_THREAD)
+    tiny_lm(tmp, tmp / "valid.txt", max_update=30)
     ev = common(tmp, "train")
     run_cli(*ev, "--save-dstore", "--dstore-dir", tmp / "dstore", env=ONE_THREAD)
     run_cli("knnlm-build-index", tmp / "dstore", "--factory", "Flat", "--no-progress-bar")

@@ -8,26 +8,16 @@ import subprocess
 import numpy as np
 import pytest
 
-from clis import BIN, USER_DIR, loss_and_ppl, run_cli
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from clis import BIN, ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiworker")
     rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(60)]
-    for split, n in (("train", 400), ("valid", 60)):
-        with open(tmp / f"{split}.txt", "w") as f:
-            for _ in range(n):
-                f.write(" ".join(rng.choice(words, size=rng.integers(5, 25))) + "\n")
-    run_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "valid.txt",
-            "--destdir", tmp / "bin", "--workers", "1")
-    run_cli("fairseq-train", tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
-            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", "64",
-            "--max-update", "5", "--save-dir", tmp / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
-            "--disable-validation", env=ONE_THREAD)
+    random_lines(tmp / "train.txt", rng, 400, 60)
+    random_lines(tmp / "valid.txt", rng, 60, 60)
+    tiny_lm(tmp, tmp / "valid.txt", max_update=5)
     return tmp
 
 

@@ -9,23 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from clis import BIN, USER_DIR, run_cli
+from clis import BIN, USER_DIR, random_lines, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(80)]
-    with open(tmp / "train.txt", "w") as f:
-        for _ in range(1500):
-            f.write(" ".join(rng.choice(words, size=rng.integers(5, 25))) + "\n")
-    run_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "train.txt",
-            "--destdir", tmp / "bin", "--workers", "1")
-    run_cli("fairseq-train", tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
-            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", "64",
-            "--max-update", "5", "--save-dir", tmp / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
-            "--disable-validation")
+    random_lines(tmp / "train.txt", np.random.default_rng(0), 1500, 80)
+    tiny_lm(tmp, tmp / "train.txt", max_update=5)
     return tmp
 
 
