@@ -49,6 +49,8 @@ def main(argv=None):
     for split in splits:
         clog = os.path.join(a.work, f"cache-{split}")
         if a.reuse and os.path.exists(os.path.join(clog, "meta.json")):
+            stages[f"cache_log_{split}"] = {"seconds": None, "peak_rss_mb": None,
+                                            "command": f"(reused {clog}: an earlier run of the same pass)"}
             continue
         shutil.rmtree(clog, ignore_errors=True)
         ev = (a.data_bin, a.checkpoint, split, a.eval_tokens_per_sample, a.eval_context_window, a.max_tokens,
