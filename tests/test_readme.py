@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import socket
 import subprocess
 
+import numpy as np
 import pytest
 
 from clis import BIN, ROOT, WT2_CKPT, WT2_RAW, loss_and_ppl
@@ -79,3 +81,19 @@ def test_sweep_block_records_both_splits_and_tunes(wt2_slice):
         at_zero = [row[lmbdas.index(0.0)] for by_k in log["ppl"]["exact"] for row in by_k]
         assert at_zero == pytest.approx([log["base_ppl"]] * len(at_zero), rel=1e-4)  # λ=0 is the LM
     assert sweep["tuned"]["exact"]["lmbda"] in lmbdas
+
+
+def test_multiworker_block_writes_the_single_worker_datastore(wt2_slice):
+    root, data = wt2_slice
+    if not (root / "dstore" / "manifest.json").exists():
+        run_block("knnlm", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(root / "dstore"))
+    two = root / "dstore-2workers"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    run_block("multiworker", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(two), PORT=str(port))
+    manifest = json.loads((two / "manifest.json").read_text())
+    single = json.loads((root / "dstore" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and manifest["count"] == single["count"]
+    keys = [np.load(two / s["path"] / "keys.npy") for s in manifest["shards"]]
+    assert np.array_equal(np.concatenate(keys), np.load(root / "dstore" / "keys.npy"))
