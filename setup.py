@@ -22,6 +22,7 @@ setup(
         "console_scripts": [
             "knnlm-build-index = knnlm_fairseq.cli.build_index:main",
             "knnlm-sweep = knnlm_fairseq.cli.sweep:main",
+            "knnlm-prepare-text = knnlm_fairseq.cli.prepare_text:main",
             "knnlm-merge-dstore = knnlm_fairseq.cli.merge_dstore:main",
         ]
     },
