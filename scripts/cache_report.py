@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
 from plots import plt
 
 
@@ -140,7 +140,4 @@ def render(m, splits):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)

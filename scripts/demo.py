@@ -7,9 +7,8 @@ them, parses their reported numbers, prints a table and writes results/demo/metr
 import argparse
 import os
 import re
-import sys
 
-from pipeline import BIN, KNN_TASK, PKG, StageFailed, eval_lm, eval_numbers, read_json, run, write_json
+from pipeline import BIN, KNN_TASK, PKG, cli, eval_lm, eval_numbers, read_json, run, write_json
 
 
 def get_parser():
@@ -83,7 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)

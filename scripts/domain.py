@@ -13,15 +13,11 @@ import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, PKG, ROOT, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, PKG, ROOT, add_run_settings, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
 
 PAPER = {"base_test": 34.84, "books_dstore_test": 20.47, "lmbda": 0.65, "in_domain_lmbda": 0.25,
          "source": "Khandelwal et al. 2020, Table 4 (WIKI-3B LM evaluated on BOOKS; datastore from BOOKS), and §4 "
                    "(λ 0.65 for the domain-adaptation datastore vs 0.25 in domain)"}
-
-
-def floats(text):
-    return [float(x) for x in text.split(",")]
 
 
 def get_parser():
@@ -42,21 +38,7 @@ def get_parser():
     p.add_argument("--heldout-tokens", type=int, default=0,
                    help="evaluate only the first whole paragraphs of valid and test holding this many tokens "
                         "(0: all): kNN-LM evaluation runs ~150-500 tokens/s on 2 shared CPU cores")
-    p.add_argument("--dump-tokens-per-sample", type=int, default=512)
-    p.add_argument("--dump-context-window", type=int, default=128)
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512)
-    p.add_argument("--eval-context-window", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--factory", default="IVF1024,PQ32")
-    p.add_argument("--train-size", type=int, default=200_000)
-    p.add_argument("--probe", type=int, default=32)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--lmbda", type=float, default=0.25, help="λ of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--knn-temp", type=float, default=10.0, help="T of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--lmbdas", type=floats, default=[round(0.05 * i, 2) for i in range(19)])
-    p.add_argument("--temps", type=floats, default=[1.0, 3.0, 10.0, 30.0, 100.0],
-                   help="T grid of the offline sweep (the standard 1..30 plus 100, so a best T of 30 is interior)")
-    p.add_argument("--device", default="--cpu")
+    add_run_settings(p, knn_temp=10.0, temps=[1.0, 3.0, 10.0, 30.0, 100.0])  # T 100: a best 30 is interior
     p.add_argument("--no-both", action="store_true", help="skip the books+wiki datastore (knnlm-merge-dstore)")
     p.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist in --work")
     p.add_argument("--render-only", action="store_true", help="rewrite OUT/report.md from OUT/metrics.json")
@@ -406,7 +388,4 @@ def render(m):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, add_run_settings, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,10 +35,6 @@ PAPER_NAMES = {
 }
 
 
-def floats(text):
-    return [float(x) for x in text.split(",")]
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-dir", required=True, help="WikiText-2 text: wiki.train.tokens, wiki.valid.tokens")
@@ -49,21 +45,8 @@ def get_parser():
     p.add_argument("--keytypes", default=",".join(KEY_TYPES), help="comma-separated, in report order")
     p.add_argument("--train-articles", type=float, default=0.05, help="fraction of train articles (a prefix)")
     p.add_argument("--valid-tokens", type=int, default=15_000, help="valid prefix: whole articles up to >= this")
-    p.add_argument("--dump-tokens-per-sample", type=int, default=512)
-    p.add_argument("--dump-context-window", type=int, default=128)
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512)
-    p.add_argument("--eval-context-window", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--factory", default="IVF1024,PQ32")
-    p.add_argument("--train-size", type=int, default=50_000)
-    p.add_argument("--probe", type=int, default=32)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--lmbda", type=float, default=0.25, help="λ of the eval-lm run (the sweep tunes it)")
-    p.add_argument("--knn-temp", type=float, default=10.0, help="T of the eval-lm run (the sweep tunes it)")
-    # a small datastore gives small λ and large T: the grid is fine below λ 0.1 and reaches T 300
-    p.add_argument("--lmbdas", type=floats, default=[i / 100 for i in range(10)] + [round(0.05 * i, 2) for i in range(2, 19)])
-    p.add_argument("--temps", type=floats, default=[1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
-    p.add_argument("--device", default="--cpu", help="device flags for fairseq-eval-lm")
+    add_run_settings(p, train_size=50_000, knn_temp=10.0, temps=[1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
+                     lmbdas=[i / 100 for i in range(10)] + [round(0.05 * i, 2) for i in range(2, 19)])
     p.add_argument("--reuse", action="store_true", help="keep the subset and every key type already finished")
     return p
 
@@ -347,7 +330,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)

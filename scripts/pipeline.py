@@ -47,6 +47,35 @@ def run(name: str, cmd: List[str], log_dir: str, stages: Dict) -> str:
     return text
 
 
+def floats(text: str) -> List[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def add_run_settings(p, **defaults) -> None:
+    """The dump / index / evaluation / sweep settings every report driver shares; `defaults` overrides by dest."""
+    d = dict(dump_tokens_per_sample=512, dump_context_window=128, eval_tokens_per_sample=512,
+             eval_context_window=256, max_tokens=8192, factory="IVF1024,PQ32", train_size=200_000, probe=32, k=1024,
+             lmbda=0.25, knn_temp=1.0, lmbdas=[round(0.05 * i, 2) for i in range(19)], temps=[1.0], device="--cpu")
+    d.update(defaults)
+    for name in ("dump_tokens_per_sample", "dump_context_window", "eval_tokens_per_sample", "eval_context_window",
+                 "max_tokens", "train_size", "probe", "k"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+    p.add_argument("--factory", default=d["factory"])
+    p.add_argument("--lmbda", type=float, default=d["lmbda"], help="λ of the eval-lm runs (the sweep tunes it)")
+    p.add_argument("--knn-temp", type=float, default=d["knn_temp"], help="T of the eval-lm runs (the sweep tunes it)")
+    p.add_argument("--lmbdas", type=floats, default=d["lmbdas"], help="λ grid of the offline sweep")
+    p.add_argument("--temps", type=floats, default=d["temps"], help="T grid of the offline sweep")
+    p.add_argument("--device", default=d["device"], help="device flags for fairseq-eval-lm, e.g. '--cpu' or '--fp16'")
+
+
+def cli(main) -> None:
+    """Run a report driver: a failed stage ends it with that stage's one-paragraph message."""
+    try:
+        sys.exit(main())
+    except StageFailed as e:
+        sys.exit(str(e))
+
+
 def eval_numbers(text: str) -> Dict:
     """Perplexity, tokens and tokens/s from fairseq-eval-lm's output."""
     loss, ppl = _PPL.findall(text)[-1]

@@ -8,17 +8,12 @@ logs go to --work (not committed).
 import argparse
 import os
 import shutil
-import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, PKG, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, PKG, add_run_settings, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
 from plots import plot_curves
 from report_md import render as render_report
-
-
-def floats(text):
-    return [float(x) for x in text.split(",")]
 
 
 def get_parser():
@@ -31,20 +26,7 @@ def get_parser():
     p.add_argument("--dstore-split", default="train")
     p.add_argument("--tune-split", default="valid")
     p.add_argument("--test-split", default="test")
-    p.add_argument("--dump-tokens-per-sample", type=int, default=512)
-    p.add_argument("--dump-context-window", type=int, default=128)
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512)
-    p.add_argument("--eval-context-window", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--factory", default="IVF1024,PQ32")
-    p.add_argument("--train-size", type=int, default=200_000)
-    p.add_argument("--probe", type=int, default=32)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--lmbda", type=float, default=0.25, help="λ of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--knn-temp", type=float, default=1.0, help="T of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--lmbdas", type=floats, default=[round(0.05 * i, 2) for i in range(19)])
-    p.add_argument("--temps", type=floats, default=[1.0])
-    p.add_argument("--device", default="--cpu", help="device flags for fairseq-eval-lm, e.g. '--cpu' or '--fp16'")
+    add_run_settings(p)
     p.add_argument("--eval-extra", default="", help="extra flags for evaluation runs, e.g. '--softmax-batch 1024'")
     p.add_argument("--index-extra", default="", help="extra flags for knnlm-build-index, e.g. '--gpu'")
     p.add_argument("--paper", help="JSON of the paper's numbers and tolerance: prints PASS/FAIL per number")
@@ -166,7 +148,4 @@ def compare_with_paper(paper, metrics):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)
