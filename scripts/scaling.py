@@ -13,12 +13,11 @@ import os
 import random
 import re
 import shutil
-import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, PKG, ROOT, StageFailed, eval_lm, eval_numbers, read_json, run, versions, write_json
+from pipeline import BIN, KNN_TASK, PKG, ROOT, add_run_settings, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
 
 # ` = Title = ` starts an article; ` = = Section = = ` (a second "=") does not.
 _TITLE = re.compile(r"^ = [^=].* = $")
@@ -66,17 +65,21 @@ def article_subset(articles: Sequence[Sequence[str]], fraction: float, seed: int
     return sorted(chosen)
 
 
+def write_articles(articles, keep, path: str):
+    """Write the articles numbered in `keep`, in that order, to path; return (their tokens, all articles' tokens)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for i in keep:
+            f.writelines(articles[i])
+    return sum(n_tokens(articles[i]) for i in keep), sum(n_tokens(a) for a in articles)
+
+
 def write_subset(src: str, dest: str, fraction: float, seed: int = 1) -> Dict:
     """Write the article subset of src to dest; return its article and token counts."""
     with open(src) as f:
         articles = split_articles(f.readlines())
     keep = article_subset(articles, fraction, seed)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with open(dest, "w") as f:
-        for i in keep:
-            f.writelines(articles[i])
-    total = sum(n_tokens(a) for a in articles)
-    kept = sum(n_tokens(articles[i]) for i in keep)
+    kept, total = write_articles(articles, keep, dest)
     return {"fraction_asked": fraction, "articles": len(keep), "articles_total": len(articles), "tokens": kept,
             "tokens_total": total, "fraction": round(kept / total, 4)}
 
@@ -202,12 +205,7 @@ def eval_data(a, stages: Dict) -> Dict:
             articles = split_articles(f.readlines())
         keep = prefix_articles(articles, a.eval_fraction)
         txt = os.path.join(a.work, "text", f"{split}_prefix.tokens")
-        os.makedirs(os.path.dirname(txt), exist_ok=True)
-        with open(txt, "w") as f:
-            for i in keep:
-                f.writelines(articles[i])
-        total = sum(n_tokens(x) for x in articles)
-        tokens = sum(n_tokens(articles[i]) for i in keep)
+        tokens, total = write_articles(articles, keep, txt)
         info[split] = {"articles": len(keep), "articles_total": len(articles), "tokens": tokens,
                        "tokens_total": total, "fraction": round(tokens / total, 4)}
         prefs += [f"--{split}pref", txt]
@@ -467,9 +465,6 @@ def render(m: Dict) -> str:
     return "\n".join(L)
 
 
-def floats(text: str) -> List[float]:
-    return [float(x) for x in text.split(",")]
-
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
@@ -492,20 +487,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="table,figure", help="table: the 10%% model rows; figure: datastore sizes")
     p.add_argument("--figure-splits", type=lambda t: t.split(","), default=["valid", "test"],
                    help="splits for the datastore-size curve ('valid' alone halves its cost)")
-    p.add_argument("--dump-tokens-per-sample", type=int, default=512)
-    p.add_argument("--dump-context-window", type=int, default=128)
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512)
-    p.add_argument("--eval-context-window", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--factory", default="IVF1024,PQ32")
-    p.add_argument("--train-size", type=int, default=200_000)
-    p.add_argument("--probe", type=int, default=32)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--lmbda", type=float, default=0.25, help="λ of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--knn-temp", type=float, default=10.0, help="T of the eval-lm runs (the sweep tunes it)")
-    p.add_argument("--lmbdas", type=floats, default=[round(0.05 * i, 2) for i in range(19)])
-    p.add_argument("--temps", type=floats, default=[1.0, 3.0, 10.0, 30.0])
-    p.add_argument("--device", default="--cpu")
+    add_run_settings(p, knn_temp=10.0, temps=[1.0, 3.0, 10.0, 30.0])
     p.add_argument("--note", default="", help="a paragraph for the report: the machine, what was cut and why")
     p.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of every stage (0: library default)")
     p.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist in --work")
@@ -606,7 +588,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StageFailed as e:
-        sys.exit(str(e))
+    cli(main)
