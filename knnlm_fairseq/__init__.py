@@ -1,2 +1,6 @@
-"""kNN-LM as a fairseq --user-dir plugin: architectures, the knn_eval task, checkpoint loading."""
-from . import checkpoints, models, tasks  # noqa: F401  (imported for their registrations)
+"""kNN-LM (Khandelwal et al., ICLR 2020) as a fairseq --user-dir plugin.
+
+Importing the package does nothing heavy: fairseq's --user-dir loader imports tasks/ and models/ itself (they
+register the knn_eval task and the architectures), and console scripts import only core/ and what they need.
+"""
+__version__ = "0.2.0"

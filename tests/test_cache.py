@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_free import load
+from knnlm_fairseq.core import cache, knn
 
-cache = load("cache")
-knn = load("knn")
 PAD, V = 1, 12
 
 

@@ -6,10 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from fairseq_free import load
+from knnlm_fairseq.core import datastore as ds, durable, writer
+from knnlm_fairseq.core.errors import KnnlmError
 
-ds = load("datastore")
-DatastoreError = ds.DatastoreError
 
 DIM, VOCAB = 16, 300_000  # a WikiText-103-sized vocabulary: ids past int16's 32767
 META = {
@@ -37,7 +36,7 @@ def abandon(w) -> None:
 
 def write(path, keys, vals, chunks=None, seed: int = 0, **kw):
     """Stream rows in many small add() calls of random sizes (some empty), then close."""
-    w = ds.DatastoreWriter(str(path), keys.shape[1], kw.pop("vocab", VOCAB), kw.pop("meta", META), **kw)
+    w = writer.DatastoreWriter(str(path), keys.shape[1], kw.pop("vocab", VOCAB), kw.pop("meta", META), **kw)
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.integers(0, len(keys), size=chunks or max(1, len(keys) // 7)))
     for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(keys)]):
@@ -78,7 +77,7 @@ def test_files_are_plain_npy(dstore_dir, rows):
     np.testing.assert_array_equal(v, vals.astype(np.int32))
     assert sorted(os.listdir(dstore_dir)) == sorted([ds.KEYS, ds.VALS, ds.MANIFEST])
     # rows stream behind a fixed header: the file is exactly header + data
-    assert os.path.getsize(dstore_dir / ds.KEYS) == ds._HEADER_BYTES + keys.size * 2
+    assert os.path.getsize(dstore_dir / ds.KEYS) == durable.NPY_HEADER_BYTES + keys.size * 2
 
 
 def test_open_memory_maps_unless_asked(dstore_dir):
@@ -109,9 +108,9 @@ def test_float32_keys_exact(tmp_path, rows):
 
 
 def test_value_dtype_widens_only_past_int32():
-    assert ds.value_dtype(267_744) == np.int32
-    assert ds.value_dtype(2**31 - 1) == np.int32
-    assert ds.value_dtype(2**31) == np.int64
+    assert writer.value_dtype(267_744) == np.int32
+    assert writer.value_dtype(2**31 - 1) == np.int32
+    assert writer.value_dtype(2**31) == np.int64
 
 
 def test_int64_values_for_huge_vocabularies(tmp_path):
@@ -157,16 +156,16 @@ def test_dictionary_sha256_is_order_sensitive():
 
 # ---- refusals on open -------------------------------------------------------------------------------
 def test_open_missing_dir(tmp_path):
-    with pytest.raises(DatastoreError, match="does not exist.*--save-dstore"):
+    with pytest.raises(KnnlmError, match="does not exist.*--save-dstore"):
         ds.Datastore.open(str(tmp_path / "nowhere"))
 
 
 def test_open_unfinished_dump(tmp_path, rows):
     keys, vals = rows
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
     w.add(keys[:100], vals[:100])  # the dump crashes before close(): no manifest, arrays on disk
     abandon(w)
-    with pytest.raises(DatastoreError, match="no manifest.json: the dump did not finish"):
+    with pytest.raises(KnnlmError, match="no manifest.json: the dump did not finish"):
         ds.Datastore.open(str(tmp_path / "d"))
 
 
@@ -174,7 +173,7 @@ def test_open_unfinished_dump(tmp_path, rows):
 def test_open_truncated_keys(dstore_dir, in_memory):
     path = dstore_dir / ds.KEYS
     os.truncate(path, os.path.getsize(path) - 2 * DIM - 1)
-    with pytest.raises(DatastoreError, match=r"keys.npy is unreadable .*damaged, dump it again"):
+    with pytest.raises(KnnlmError, match=r"keys.npy is unreadable .*damaged, dump it again"):
         ds.Datastore.open(str(dstore_dir), in_memory=in_memory)
 
 
@@ -182,20 +181,20 @@ def test_open_vals_from_another_dump(tmp_path, dstore_dir):
     keys, vals = make_rows(500, seed=1)
     write(tmp_path / "other", keys, vals)
     shutil.copy(tmp_path / "other" / ds.VALS, dstore_dir / ds.VALS)
-    with pytest.raises(DatastoreError, match=r"vals.npy holds int32\[500\] but the manifest says int32\[2000\].*another dump"):
+    with pytest.raises(KnnlmError, match=r"vals.npy holds int32\[500\] but the manifest says int32\[2000\].*another dump"):
         ds.Datastore.open(str(dstore_dir))
 
 
 def test_open_keys_of_other_dtype(tmp_path, dstore_dir, rows):
     np.save(dstore_dir / ds.KEYS, rows[0])  # right shape, float32 instead of the manifest's float16
-    with pytest.raises(DatastoreError, match=r"holds float32\[2000, 16\] but the manifest says float16"):
+    with pytest.raises(KnnlmError, match=r"holds float32\[2000, 16\] but the manifest says float16"):
         ds.Datastore.open(str(dstore_dir))
 
 
 def test_open_invalid_json(dstore_dir):
     with open(dstore_dir / ds.MANIFEST, "w") as f:
         f.write('{"count": 2000, "dim": ')
-    with pytest.raises(DatastoreError, match="manifest.json is not valid JSON"):
+    with pytest.raises(KnnlmError, match="manifest.json is not valid JSON"):
         ds.Datastore.open(str(dstore_dir))
 
 
@@ -205,7 +204,7 @@ def test_open_other_format_version(dstore_dir):
     m["format_version"] = ds.FORMAT_VERSION + 1
     with open(dstore_dir / ds.MANIFEST, "w") as f:
         json.dump(m, f)
-    with pytest.raises(DatastoreError, match=f"has format {ds.FORMAT_VERSION + 1}, expected {ds.FORMAT_VERSION}"):
+    with pytest.raises(KnnlmError, match=f"has format {ds.FORMAT_VERSION + 1}, expected {ds.FORMAT_VERSION}"):
         ds.Datastore.open(str(dstore_dir))
 
 
@@ -214,12 +213,12 @@ def test_open_other_format_version(dstore_dir):
 def test_verify_detects_a_flipped_byte(dstore_dir, name, offset):
     ds.Datastore.open(str(dstore_dir)).verify()
     with open(dstore_dir / name, "r+b") as f:
-        f.seek(ds._HEADER_BYTES + offset)
+        f.seek(durable.NPY_HEADER_BYTES + offset)
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x10]))
     d = ds.Datastore.open(str(dstore_dir))  # shapes still agree: only the checksum can tell
-    with pytest.raises(DatastoreError, match=f"{name} does not match its checksum"):
+    with pytest.raises(KnnlmError, match=f"{name} does not match its checksum"):
         d.verify()
 
 
@@ -228,7 +227,7 @@ def test_verify_detects_same_size_vals_from_another_dump(tmp_path, dstore_dir, r
     write(tmp_path / "other", keys, np.roll(vals, 1))
     shutil.copy(tmp_path / "other" / ds.VALS, dstore_dir / ds.VALS)
     d = ds.Datastore.open(str(dstore_dir))
-    with pytest.raises(DatastoreError, match="vals.npy does not match its checksum"):
+    with pytest.raises(KnnlmError, match="vals.npy does not match its checksum"):
         d.verify()
 
 
@@ -248,7 +247,7 @@ def test_check_compatible_accepts_its_own_provenance(dstore_dir):
 def test_check_compatible_refusals(dstore_dir, kwargs, message):
     d = ds.Datastore.open(str(dstore_dir))
     good = dict(checkpoint_sha256="c" * 64, dictionary_sha256="d" * 64, key_type="ffn_input", dim=DIM)
-    with pytest.raises(DatastoreError, match=message):
+    with pytest.raises(KnnlmError, match=message):
         d.check_compatible(**dict(good, **kwargs))
 
 
@@ -260,11 +259,11 @@ FP16_OVERFLOW = pytest.mark.filterwarnings("ignore:overflow encountered in cast:
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 70000.0, -65520.0])
 def test_writer_refuses_nonfinite_fp16_keys(tmp_path, rows, bad):
     keys, vals = rows
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
     w.add(keys[:10], vals[:10])
     k = keys[10:20].copy()
     k[3, 5] = bad
-    with pytest.raises(DatastoreError, match=r"key row 13 is inf/NaN as float16.*--dstore-key-dtype float32"):
+    with pytest.raises(KnnlmError, match=r"key row 13 is inf/NaN as float16.*--dstore-key-dtype float32"):
         w.add(k, vals[10:20])
     assert w.count == 10  # the refused batch left nothing behind
     w.add(keys[20:30], vals[20:30])
@@ -277,8 +276,8 @@ def test_writer_names_the_overflowing_magnitude(tmp_path, rows):
     keys, vals = rows
     k = keys[:4].copy()
     k[2, 0] = 70000.0  # finite in fp32, inf once cast to fp16 (max 65504)
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
-    with pytest.raises(DatastoreError, match=r"activation magnitude 7e\+04"):
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    with pytest.raises(KnnlmError, match=r"activation magnitude 7e\+04"):
         w.add(k, vals[:4])
     k[2, 0] = 65504.0  # the largest fp16 value is kept
     w.add(k, vals[:4])
@@ -290,8 +289,8 @@ def test_writer_refuses_ids_outside_vocab(tmp_path, rows, bad):
     keys, vals = rows
     v = vals[:10].copy()
     v[4] = bad
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
-    with pytest.raises(DatastoreError, match=rf"token ids outside \[0, {VOCAB}\)"):
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    with pytest.raises(KnnlmError, match=rf"token ids outside \[0, {VOCAB}\)"):
         w.add(keys[:10], v)
     assert w.count == 0
     abandon(w)
@@ -299,31 +298,31 @@ def test_writer_refuses_ids_outside_vocab(tmp_path, rows, bad):
 
 @pytest.mark.parametrize("shapes", [((5, DIM + 1), (5,)), ((5, DIM), (4,)), ((DIM,), (1,)), ((5, DIM), (5, 1))])
 def test_writer_refuses_wrong_shapes(tmp_path, shapes):
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
-    with pytest.raises(DatastoreError, match=rf"expected keys \(n, {DIM}\) and vals \(n,\)"):
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    with pytest.raises(KnnlmError, match=rf"expected keys \(n, {DIM}\) and vals \(n,\)"):
         w.add(np.zeros(shapes[0], np.float32), np.zeros(shapes[1], np.int64))
     abandon(w)
 
 
 def test_writer_refuses_empty_datastore(tmp_path):
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
     w.add(np.zeros((0, DIM), np.float32), np.zeros(0, np.int64))
-    with pytest.raises(DatastoreError, match="no scored tokens were written.*--gen-subset"):
+    with pytest.raises(KnnlmError, match="no scored tokens were written.*--gen-subset"):
         w.close()
     assert not os.path.exists(tmp_path / "d" / ds.MANIFEST)
     abandon(w)
 
 
 def test_writer_refuses_a_complete_datastore(dstore_dir, rows):
-    before = ds.sha256_file(str(dstore_dir / ds.KEYS))
-    with pytest.raises(DatastoreError, match="already holds a complete datastore; choose another --dstore-dir"):
-        ds.DatastoreWriter(str(dstore_dir), DIM, VOCAB, META)
-    assert ds.sha256_file(str(dstore_dir / ds.KEYS)) == before  # refused before touching anything
+    before = durable.sha256_file(str(dstore_dir / ds.KEYS))
+    with pytest.raises(KnnlmError, match="already holds a complete datastore; choose another --dstore-dir"):
+        writer.DatastoreWriter(str(dstore_dir), DIM, VOCAB, META)
+    assert durable.sha256_file(str(dstore_dir / ds.KEYS)) == before  # refused before touching anything
 
 
 def test_writer_replaces_an_unfinished_dump(tmp_path, rows):
     keys, vals = rows
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
     w.add(keys, vals)
     abandon(w)
     write(tmp_path / "d", keys[:50], vals[:50])
@@ -336,7 +335,7 @@ def test_writer_replaces_an_unfinished_dump(tmp_path, rows):
 # ---- crash safety: commit, resume, full disk ------------------------------------------------------
 def crash_after(path, keys, vals, stop, commits, seed=0):
     """Feed rows in random-size adds, committing at the given add indices, and 'crash' after add `stop`."""
-    w = ds.DatastoreWriter(str(path), DIM, VOCAB, META, commit_seconds=1e9)
+    w = writer.DatastoreWriter(str(path), DIM, VOCAB, META, commit_seconds=1e9)
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.integers(0, len(keys), size=40))
     for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, len(keys)])):
@@ -357,7 +356,7 @@ def test_resume_is_byte_identical(tmp_path, rows, stop, commits):
     ref = write(tmp_path / "ref", keys, vals)
     committed = crash_after(tmp_path / "d", keys, vals, stop, commits)
     assert not (tmp_path / "d" / ds.MANIFEST).exists()
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)  # the same dump, run again from the start
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)  # the same dump, run again from the start
     assert w.resumed_rows == committed
     for a in range(0, len(keys), 333):
         w.add(keys[a:a + 333], vals[a:a + 333])
@@ -372,15 +371,15 @@ def test_resume_refuses_other_settings(tmp_path, rows):
     keys, vals = rows
     crash_after(tmp_path / "d", keys, vals, 10, {5})
     other = dict(META, context_window=META.get("context_window", 0) + 1)
-    with pytest.raises(DatastoreError, match="unfinished dump made with other settings"):
-        ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, other)
+    with pytest.raises(KnnlmError, match="unfinished dump made with other settings"):
+        writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, other)
 
 
 def test_full_disk_is_one_clear_error_and_resumable(tmp_path, rows, monkeypatch):
     import errno
 
     keys, vals = rows
-    w = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META, commit_seconds=1e9)
+    w = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META, commit_seconds=1e9)
     w.add(keys[:500], vals[:500])
     w.commit()
 
@@ -389,10 +388,10 @@ def test_full_disk_is_one_clear_error_and_resumable(tmp_path, rows, monkeypatch)
 
     monkeypatch.setattr(w.keys, "f", type("F", (), {"write": staticmethod(full), "close": w.keys.f.close,
                                                     "flush": w.keys.f.flush, "fileno": w.keys.f.fileno})())
-    with pytest.raises(DatastoreError, match=r"no space left .* re-run the same command.*\(500 rows\)"):
+    with pytest.raises(KnnlmError, match=r"no space left .* re-run the same command.*\(500 rows\)"):
         w.add(keys[500:900], vals[500:900])
     abandon(w)
-    resumed = ds.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
+    resumed = writer.DatastoreWriter(str(tmp_path / "d"), DIM, VOCAB, META)
     assert resumed.resumed_rows == 500
     resumed.add(keys, vals)
     resumed.close()

@@ -1,5 +1,5 @@
 """index.py on seeded clustered keys: Flat is brute force, IVF-PQ has recall, exact distances are the
-stored fp16 keys' float64 distances, and every refusal is a one-line DatastoreError (no fairseq)."""
+stored fp16 keys' float64 distances, and every refusal is a one-line KnnlmError (no fairseq)."""
 import json
 import os
 import shutil
@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from clis import run_cli
-from fairseq_free import load
+from knnlm_fairseq.core import datastore as ds, retriever, writer
+from knnlm_fairseq.core import index as ix
+from knnlm_fairseq.core.errors import KnnlmError
 
-ds = load("datastore")
-ix = load("index")
-DatastoreError = ds.DatastoreError
 
 DIM, N, CLUSTERS, NQ = 32, 3000, 24, 64
 META = {
@@ -38,7 +37,7 @@ def make_dstore(path, seed: int = 0, n: int = N) -> "ds.Datastore":
     centers = rng.standard_normal((CLUSTERS, DIM)) * 4.0
     keys = clustered(n, seed, centers)
     vals = rng.permutation(n)  # (n,) distinct, so vals -> rows is invertible
-    w = ds.DatastoreWriter(str(path), DIM, n, dict(META, dictionary={"size": n, "sha256": "d" * 64}))
+    w = writer.DatastoreWriter(str(path), DIM, n, dict(META, dictionary={"size": n, "sha256": "d" * 64}))
     for s in range(0, n, 700):  # streamed in several adds, like a dump
         w.add(keys[s : s + 700], vals[s : s + 700])
     w.close()
@@ -100,7 +99,7 @@ def ivfpq(store):
 # ---- Flat is brute force ---------------------------------------------------------------------------
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_flat_search_is_brute_force(store, flat, metric):
-    index, _ = ix.load_index(flat[metric][0], store)
+    index, _ = retriever.load_index(flat[metric][0], store)
     q = queries()
     _, truth = brute_force(store, q, 10, metric)
     _, ids = index.search(q, 10)
@@ -110,13 +109,16 @@ def test_flat_search_is_brute_force(store, flat, metric):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("exact", [True, False])
 def test_retriever_on_flat_returns_the_true_neighbours_and_their_distances(store, flat, metric, exact):
-    index, meta = ix.load_index(flat[metric][0], store)
+    index, meta = retriever.load_index(flat[metric][0], store)
     assert meta["metric"] == metric
     q = queries()
     d64, truth = brute_force(store, q, 16, metric)
-    r = ix.Retriever(store, index, metric, k=16, exact=exact)
-    dists, vals = r.search(torch.from_numpy(q))
-    assert dists.shape == vals.shape == (NQ, 16) and dists.dtype == torch.float32 and vals.dtype == torch.int64
+    r = retriever.Retriever(store, index, metric, k=16, exact=exact)
+    nb = r.search(torch.from_numpy(q))
+    dists, vals = nb.dists("exact" if exact else "approx"), nb.values
+    assert dists.shape == vals.shape == nb.ids.shape == (NQ, 16) and dists.dtype == torch.float32
+    assert vals.dtype == nb.ids.dtype == torch.int64 and (nb.exact is None) == (not exact)
+    np.testing.assert_array_equal(nb.ids.numpy(), truth)  # the datastore rows themselves, nearest first
     np.testing.assert_array_equal(vals.numpy(), np.asarray(store.vals)[truth])
     expect = np.take_along_axis(d64, truth, axis=1)
     # float32 arithmetic on |q|,|k| ~ 25: allow a few ulps of the squared norms, not of the difference
@@ -127,15 +129,17 @@ def test_retriever_on_flat_returns_the_true_neighbours_and_their_distances(store
 
 def test_exact_distances_of_approximate_neighbours_are_the_stored_keys(store, ivfpq):
     """With IVF-PQ the neighbours are approximate, but exact=True distances are the fp16 keys' true ones."""
-    index, _ = ix.load_index(ivfpq[0], store)
-    ix.set_nprobe(index, 8)
+    index, _ = retriever.load_index(ivfpq[0], store)
+    retriever.set_nprobe(index, 8)
     q = queries(seed=11)
-    exact = ix.Retriever(store, index, "l2", k=32, exact=True, chunk_floats=5 * 32 * DIM)  # several chunks
-    approx = ix.Retriever(store, index, "l2", k=32, exact=False)
-    de, ve = exact.search(torch.from_numpy(q))
-    da, va = approx.search(torch.from_numpy(q))
-    np.testing.assert_array_equal(ve.numpy(), va.numpy())  # same neighbours, only the distances differ
+    exact = retriever.Retriever(store, index, "l2", k=32, exact=True, chunk_floats=5 * 32 * DIM)  # several chunks
+    approx = retriever.Retriever(store, index, "l2", k=32, exact=False)
+    ne, na = exact.search(torch.from_numpy(q)), approx.search(torch.from_numpy(q))
+    de, ve, da = ne.exact, ne.values, na.approx
+    np.testing.assert_array_equal(ne.ids.numpy(), na.ids.numpy())  # same neighbours, only the distances differ
+    torch.testing.assert_close(ne.approx, na.approx, rtol=0, atol=0)
     rows = row_of(store)[ve.numpy()]  # (NQ, 32) row ids of the retrieved values
+    np.testing.assert_array_equal(rows, ne.ids.numpy())
     keys = np.asarray(store.keys, dtype=np.float64)
     truth = ((q.astype(np.float64)[:, None, :] - keys[rows]) ** 2).sum(-1)
     np.testing.assert_allclose(de.numpy(), truth, rtol=1e-4, atol=1e-3)
@@ -148,26 +152,29 @@ def test_missing_neighbours_are_inf_not_row_zero(tmp_path):
     store = make_dstore(tmp_path / "small", n=400)
     path = str(tmp_path / "ivf.faiss")
     ix.build_index(store, path, factory="IVF8,Flat", progress=False)
-    index, _ = ix.load_index(path, store)
-    ix.set_nprobe(index, 1)
+    index, _ = retriever.load_index(path, store)
+    retriever.set_nprobe(index, 1)
     q = queries()
     _, ids = index.search(q, 200)
     assert (ids < 0).any(), "test setup: some query must have fewer than k hits"
     for exact in (True, False):
-        dists, _ = ix.Retriever(store, index, "l2", k=200, exact=exact).search(torch.from_numpy(q))
-        np.testing.assert_array_equal(np.isinf(dists.numpy()), ids < 0)
+        nb = retriever.Retriever(store, index, "l2", k=200, exact=exact).search(torch.from_numpy(q))
+        np.testing.assert_array_equal(np.isinf(nb.dists("exact" if exact else "approx").numpy()), ids < 0)
+        np.testing.assert_array_equal(nb.ids.numpy(), ids)  # -1 where faiss found nothing
+        np.testing.assert_array_equal(nb.found.numpy(), ids >= 0)
+        assert (nb.values.numpy()[ids < 0] == 0).all()
 
 
 # ---- IVF-PQ ----------------------------------------------------------------------------------------
 def test_ivfpq_recall_against_brute_force(store, ivfpq):
     """10-recall@k: the share of the true 10 nearest among the k returned (kNN-LM retrieves k >> 10)."""
-    index, meta = ix.load_index(ivfpq[0], store)
+    index, meta = retriever.load_index(ivfpq[0], store)
     assert meta["factory_used"] == "IVF32,PQ8x4" and faiss_nlist(index) == 32
     q = queries()
     _, truth = brute_force(store, q, 10, "l2")
 
     def recall(nprobe: int, k: int) -> float:
-        ix.set_nprobe(index, nprobe)
+        retriever.set_nprobe(index, nprobe)
         _, ids = index.search(q, k)
         return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
 
@@ -198,7 +205,7 @@ def test_build_index_scales_ivf_lists_to_the_training_set(store, tmp_path):
     meta = ix.build_index(store, path, factory="IVF4096,PQ4x4", train_size=1200, progress=False)
     assert meta["factory"] == "IVF4096,PQ4x4" and meta["factory_used"] == "IVF30,PQ4x4"  # 1200 // 39
     assert meta["train_size"] == 1200
-    index, _ = ix.load_index(path, store)
+    index, _ = retriever.load_index(path, store)
     assert faiss_nlist(index) == 30 and index.ntotal == N  # trained on a sample, holds every key
     # train_size above the datastore: every key trains, lists scaled to the datastore
     meta = ix.build_index(store, str(tmp_path / "all.faiss"), factory="IVF4096,Flat", train_size=10**9,
@@ -223,7 +230,7 @@ def test_rebuild_replaces_the_index(tmp_path):
     path = os.path.join(store.path, "index.faiss")
     ix.build_index(store, path, factory="Flat", metric="ip", progress=False)
     ix.build_index(store, path, factory="Flat", metric="l2", progress=False)
-    _, meta = ix.load_index(path, store)
+    _, meta = retriever.load_index(path, store)
     assert meta["metric"] == "l2"
     assert sorted(os.listdir(store.path)) == sorted([ds.KEYS, ds.VALS, ds.MANIFEST, "index.faiss", "index.faiss.json"])
 
@@ -238,8 +245,8 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 def test_load_index_refuses_an_index_of_another_datastore_of_the_same_size(tmp_path, store, flat):
     other = make_dstore(tmp_path / "other", seed=1)  # same count and dim, other content
     assert other.count == store.count and other.fingerprint != store.fingerprint
-    with pytest.raises(DatastoreError) as e:
-        ix.load_index(flat["l2"][0], other)
+    with pytest.raises(KnnlmError) as e:
+        retriever.load_index(flat["l2"][0], other)
     assert "was built for another datastore" in one_line(e) and f"knnlm-build-index {other.path}" in str(e.value)
 
 
@@ -247,8 +254,8 @@ def test_index_copied_into_another_datastore_is_refused(tmp_path, store, flat):
     other = make_dstore(tmp_path / "other", n=N - 1)
     for suffix in ("", ".json"):
         shutil.copy(flat["l2"][0] + suffix, os.path.join(other.path, "index.faiss" + suffix))
-    with pytest.raises(DatastoreError) as e:
-        ix.open_retriever(other.path, "index.faiss", k=8, nprobe=1, exact=True)
+    with pytest.raises(KnnlmError) as e:
+        retriever.open_retriever(other.path, "index.faiss", k=8, nprobe=1, exact=True)
     assert "built for another datastore" in one_line(e)
 
 
@@ -257,51 +264,51 @@ def test_index_file_swapped_under_its_sidecar_is_refused(tmp_path):
     for d in (a, b):
         ix.build_index(d, os.path.join(d.path, "index.faiss"), factory="Flat", progress=False)
     shutil.copy(os.path.join(b.path, "index.faiss"), os.path.join(a.path, "index.faiss"))  # a's sidecar stays
-    with pytest.raises(DatastoreError) as e:
-        ix.load_index(os.path.join(a.path, "index.faiss"), a)
+    with pytest.raises(KnnlmError) as e:
+        retriever.load_index(os.path.join(a.path, "index.faiss"), a)
     assert "is not the index its sidecar" in one_line(e)
 
 
 def test_missing_index_or_sidecar_is_refused(tmp_path, store, flat):
     other = make_dstore(tmp_path / "other", n=200)
-    with pytest.raises(DatastoreError) as e:
-        ix.load_index(os.path.join(other.path, "index.faiss"), other)
+    with pytest.raises(KnnlmError) as e:
+        retriever.load_index(os.path.join(other.path, "index.faiss"), other)
     assert "run knnlm-build-index first" in one_line(e)
     shutil.copy(flat["l2"][0], os.path.join(other.path, "index.faiss"))  # index without its sidecar
-    with pytest.raises(DatastoreError, match="run knnlm-build-index first"):
-        ix.load_index(os.path.join(other.path, "index.faiss"), other)
+    with pytest.raises(KnnlmError, match="run knnlm-build-index first"):
+        retriever.load_index(os.path.join(other.path, "index.faiss"), other)
 
 
 def test_metric_mismatch_is_refused(store, flat):
-    with pytest.raises(DatastoreError) as e:
-        ix.open_retriever(store.path, flat["l2"][0], k=8, nprobe=1, exact=True, metric="ip")
+    with pytest.raises(KnnlmError) as e:
+        retriever.open_retriever(store.path, flat["l2"][0], k=8, nprobe=1, exact=True, metric="ip")
     assert "pass --knn-sim l2" in one_line(e)
-    r = ix.open_retriever(store.path, flat["ip"][0], k=8, nprobe=1, exact=True, metric="ip")
+    r = retriever.open_retriever(store.path, flat["ip"][0], k=8, nprobe=1, exact=True, metric="ip")
     assert r.metric == "ip"
 
 
 def test_k_larger_than_the_datastore_is_refused(store, flat):
-    index, _ = ix.load_index(flat["l2"][0], store)
-    assert ix.Retriever(store, index, "l2", k=N).k == N  # all of it is fine
+    index, _ = retriever.load_index(flat["l2"][0], store)
+    assert retriever.Retriever(store, index, "l2", k=N).k == N  # all of it is fine
     for k in (N + 1, 0):
-        with pytest.raises(DatastoreError) as e:
-            ix.Retriever(store, index, "l2", k=k)
+        with pytest.raises(KnnlmError) as e:
+            retriever.Retriever(store, index, "l2", k=k)
         one_line(e)
-    with pytest.raises(DatastoreError, match=f"k={N + 1} exceeds the datastore's 3,000 entries"):
-        ix.open_retriever(store.path, flat["l2"][0], k=N + 1, nprobe=1, exact=True)
+    with pytest.raises(KnnlmError, match=f"k={N + 1} exceeds the datastore's 3,000 entries"):
+        retriever.open_retriever(store.path, flat["l2"][0], k=N + 1, nprobe=1, exact=True)
 
 
 def test_build_index_refusals_leave_nothing_behind(tmp_path):
     store = make_dstore(tmp_path / "d", n=300)
     before = sorted(os.listdir(store.path))
-    with pytest.raises(DatastoreError) as e:
+    with pytest.raises(KnnlmError) as e:
         ix.build_index(store, os.path.join(store.path, "index.faiss"), factory="IVF16,Bogus7", progress=False)
     assert "faiss cannot build 'IVF7,Bogus7' for dim 32" in one_line(e)  # names what it tried, lists scaled
-    with pytest.raises(DatastoreError) as e:
+    with pytest.raises(KnnlmError) as e:
         ix.build_index(store, os.path.join(store.path, "index.faiss"), factory="Flat", metric="cosine",
                        progress=False)
     assert "unknown metric 'cosine'" in one_line(e)
-    with pytest.raises(DatastoreError):  # PQ needs dim divisible by M
+    with pytest.raises(KnnlmError):  # PQ needs dim divisible by M
         ix.build_index(store, os.path.join(store.path, "index.faiss"), factory="IVF4,PQ5", progress=False)
     assert sorted(os.listdir(store.path)) == before
 
@@ -312,7 +319,7 @@ def test_console_script_builds_an_index(tmp_path):
     proc = run_cli("knnlm-build-index", store.path, "--factory", "IVF64,PQ4x4", "--train-size", "500",
                    "--threads", "1", "--no-progress-bar")
     assert "scaled to IVF12,PQ4x4" in proc.output  # 500 // 39
-    index, meta = ix.load_index(os.path.join(store.path, "index.faiss"), store)
+    index, meta = retriever.load_index(os.path.join(store.path, "index.faiss"), store)
     assert index.ntotal == 600 and meta["factory_used"] == "IVF12,PQ4x4" and meta["train_size"] == 500
     assert no_temp_files(store.path)
 
@@ -353,13 +360,13 @@ def test_ondisk_ivf_lists_search_like_the_in_memory_index(store, ivfpq, tmp_path
     meta = ix.build_index(store, path, factory="IVF32,PQ8x4", metric="l2", add_chunk=700, progress=False,
                           ondisk=True)
     assert os.path.exists(path + ".ivfdata") and not [f for f in os.listdir(store.path) if ".shard" in f]
-    on, _ = ix.load_index(path, store)
-    mem, _ = ix.load_index(ivfpq[0], store)
+    on, _ = retriever.load_index(path, store)
+    mem, _ = retriever.load_index(ivfpq[0], store)
     assert on.ntotal == mem.ntotal == store.count and meta["ntotal"] == store.count
     assert os.path.getsize(path + ".ivfdata") > os.path.getsize(path)  # the lists live outside the index file
     q = np.asarray(store.keys[:NQ], dtype=np.float32)
     for index in (on, mem):
-        ix.set_nprobe(index, 8)
+        retriever.set_nprobe(index, 8)
     d_on, i_on = on.search(q, 10)
     d_mem, i_mem = mem.search(q, 10)
     np.testing.assert_array_equal(i_on, i_mem)
@@ -367,5 +374,5 @@ def test_ondisk_ivf_lists_search_like_the_in_memory_index(store, ivfpq, tmp_path
 
 
 def test_ondisk_needs_an_ivf_factory(store, tmp_path):
-    with pytest.raises(DatastoreError, match="--ondisk needs an IVF factory"):
+    with pytest.raises(KnnlmError, match="--ondisk needs an IVF factory"):
         ix.build_index(store, str(tmp_path / "flat.faiss"), factory="Flat", progress=False, ondisk=True)

@@ -14,7 +14,7 @@ import pytest
 import clis
 from clis import USER_DIR, evaluated_tokens
 
-from knnlm_fairseq.keys import KEY_TYPES
+from knnlm_fairseq.core.keys import KEY_TYPES
 
 TPS = 128  # with --context-window 0 the whole valid split (< 128 tokens) is one block: easy to replay in-process
 DIM = 32  # knnlm_tiny's width: every key type lies in the residual width

@@ -1,17 +1,9 @@
 """knn.py against a float64 numpy oracle of p_kNN(w) ∝ Σ_{j: v_j = w} exp(-d_j / T), and interpolation."""
-import ast
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
 
-from fairseq_free import CORE, PKG_DIR, load
-
-knn = load("knn")
+from knnlm_fairseq.core import knn
 
 
 # ---- oracle -------------------------------------------------------------------------------------
@@ -230,56 +222,3 @@ def test_interpolate_full_equals_dense(lm_and_knn, neighbours, lmbda):
     np.testing.assert_allclose(got.double().exp().sum(-1)[found].numpy(), 1.0, atol=1e-5)
     if lmbda == 0.0:
         assert torch.equal(got, lm)
-
-
-# ---- layering -----------------------------------------------------------------------------------
-ALLOWED_THIRD_PARTY = {"numpy", "torch", "faiss", "tqdm"}  # tqdm: build_index's progress bar, imported lazily
-
-
-def test_core_modules_import_only_numpy_torch_faiss():
-    """Every import statement in knn.py, datastore.py, index.py: stdlib, relative, or the allowed few."""
-    for name in CORE:
-        with open(os.path.join(PKG_DIR, f"{name}.py")) as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                tops = {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: must stay inside the core
-                    assert node.module in CORE, f"{name}.py imports .{node.module}, outside the fairseq-free core"
-                    continue
-                tops = {node.module.split(".")[0]}
-            else:
-                continue
-            extra = {t for t in tops if t not in sys.stdlib_module_names} - ALLOWED_THIRD_PARTY
-            assert not extra, f"{name}.py imports {extra}"
-
-
-def test_core_modules_load_with_fairseq_blocked():
-    """In a fresh interpreter where importing fairseq raises, the core loads and works, and no fairseq,
-    hydra or knnlm_fairseq (package __init__) module gets imported."""
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("fairseq", "fairseq_cli"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        try:
-            import fairseq
-            raise SystemExit("the blocker did not block")
-        except ImportError:
-            pass
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import fairseq_free, torch
-        knn, datastore, index = (fairseq_free.load(n) for n in ("knn", "datastore", "index"))
-        rest = [fairseq_free.load(n) for n in fairseq_free.CORE]
-        lp = knn.knn_log_probs(torch.tensor([[1.0, 2.0]]), torch.tensor([[0, 1]]), 3)
-        assert abs(float(lp.exp().sum()) - 1) < 1e-6
-        assert index.Datastore is datastore.Datastore
-        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("fairseq", "fairseq_cli", "hydra", "omegaconf", "knnlm_fairseq"))
-        assert not leaked, leaked
-        print("core ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "core ok" in proc.stdout, proc.stdout + proc.stderr

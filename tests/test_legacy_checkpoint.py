@@ -76,7 +76,9 @@ def test_plugin_loads_it_and_scores_like_the_original(legacy):
 
 def test_safe_loading_stays_on(tmp_path):
     """The allow-list admits data-only classes, not arbitrary code."""
-    import knnlm_fairseq.checkpoints  # noqa: F401
+    from knnlm_fairseq.plugin.checkpoints import allow_legacy_checkpoints
+
+    allow_legacy_checkpoints()
 
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": os.system}, path)

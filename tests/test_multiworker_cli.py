@@ -34,9 +34,9 @@ def free_port() -> int:
 
 
 def rows(path):
-    from fairseq_free import load
+    from knnlm_fairseq.core.datastore import Datastore
 
-    store = load("datastore").Datastore.open(str(path))
+    store = Datastore.open(str(path))
     return np.asarray(store.keys[:]), np.asarray(store.vals[:]), store
 
 

@@ -89,12 +89,11 @@ def test_resume_with_other_settings_is_refused(setup):
 
 
 def test_index_build_killed_anywhere_resumes_to_the_same_bytes(tmp_path):
-    from fairseq_free import load
+    from knnlm_fairseq.core import writer
 
-    ds = load("datastore")
     rng = np.random.default_rng(7)
     n, dim = 12_000, 16
-    w = ds.DatastoreWriter(str(tmp_path / "d"), dim, 100, {"key_type": "t", "checkpoint": {"sha256": "x"},
+    w = writer.DatastoreWriter(str(tmp_path / "d"), dim, 100, {"key_type": "t", "checkpoint": {"sha256": "x"},
                                                          "dictionary": {"sha256": "y", "size": 100}})
     w.add(rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, 100, n))
     w.close()

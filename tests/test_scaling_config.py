@@ -143,7 +143,8 @@ def test_wikitext2_train_subsets_are_close_to_the_target():
 
 
 def test_slice_datastore_keeps_rows_and_provenance(tmp_path):
-    from knnlm_fairseq.datastore import Datastore, DatastoreWriter
+    from knnlm_fairseq.core.datastore import Datastore
+    from knnlm_fairseq.core.writer import DatastoreWriter
 
     rng = np.random.default_rng(0)
     keys, vals = rng.standard_normal((500, 8)).astype(np.float16), rng.integers(0, 50, 500)

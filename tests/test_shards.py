@@ -7,20 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_free import load
+from knnlm_fairseq.core import datastore as ds, retriever, shards
+from knnlm_fairseq.core import index as ix
+from knnlm_fairseq.core.errors import KnnlmError
 from test_datastore import META, make_rows, write
 
-ds = load("datastore")
-shards = load("shards")
-index = load("index")
-DatastoreError = ds.DatastoreError
 
 
 def test_rowconcat_indexes_like_the_concatenation():
     rng = np.random.default_rng(0)
     parts = [rng.standard_normal((n, 3)).astype(np.float16) for n in (5, 0, 7, 1, 9)]  # an empty part too
     whole = np.concatenate(parts)  # (22, 3)
-    rc = shards.RowConcat(parts)
+    rc = ds.RowConcat(parts)
     assert rc.shape == whole.shape and len(rc) == 22 and rc.dtype == whole.dtype
     for sl in (slice(None), slice(3, 15), slice(5, 12), slice(20, 40), slice(-4, None), slice(2, 19, 3), slice(9, 9)):
         np.testing.assert_array_equal(rc[sl], whole[sl])
@@ -51,7 +49,7 @@ def three(tmp_path):
 
 def test_merged_reads_as_the_concatenation(tmp_path, three):
     paths, rows = three
-    m = ds.merge(str(tmp_path / "all"), [str(p) for p in paths])
+    m = shards.merge(str(tmp_path / "all"), [str(p) for p in paths])
     merged = ds.Datastore.open(str(tmp_path / "all"))
     keys = np.concatenate([r[0] for r in rows]).astype(np.float16)
     vals = np.concatenate([r[1] for r in rows])
@@ -67,41 +65,41 @@ def test_merged_reads_as_the_concatenation(tmp_path, three):
 
 def test_fingerprint_follows_shards_and_order(tmp_path, three):
     paths, _ = three
-    a = ds.merge(str(tmp_path / "a"), [str(p) for p in paths])["fingerprint"]
-    b = ds.merge(str(tmp_path / "b"), [str(p) for p in reversed(paths)])["fingerprint"]
-    c = ds.merge(str(tmp_path / "c"), [str(p) for p in paths])["fingerprint"]
+    a = shards.merge(str(tmp_path / "a"), [str(p) for p in paths])["fingerprint"]
+    b = shards.merge(str(tmp_path / "b"), [str(p) for p in reversed(paths)])["fingerprint"]
+    c = shards.merge(str(tmp_path / "c"), [str(p) for p in paths])["fingerprint"]
     assert a == c and a != b
 
 
 def test_index_and_exact_distances_over_shards_equal_one_datastore(tmp_path, three):
     paths, rows = three
-    ds.merge(str(tmp_path / "all"), [str(p) for p in paths])
+    shards.merge(str(tmp_path / "all"), [str(p) for p in paths])
     write(tmp_path / "single", np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
     q = torch.from_numpy(make_rows(40, seed=9)[0])  # (40, dim)
     out = []
     for name in ("all", "single"):
         store = ds.Datastore.open(str(tmp_path / name))
-        index.build_index(store, str(tmp_path / name / "index.faiss"), factory="Flat", progress=False)
-        r = index.open_retriever(str(tmp_path / name), "index.faiss", k=64, nprobe=1, exact=True)
-        out.append(r.search(q, both=True))
-    for x, y in zip(*out):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        ix.build_index(store, str(tmp_path / name / "index.faiss"), factory="Flat", progress=False)
+        r = retriever.open_retriever(str(tmp_path / name), "index.faiss", k=64, nprobe=1, exact=True)
+        out.append(r.search(q, exact=True))
+    for name in ("ids", "values", "approx", "exact"):
+        torch.testing.assert_close(getattr(out[0], name), getattr(out[1], name), rtol=0, atol=0)
 
 
 def test_replaced_shard_is_refused(tmp_path, three):
     paths, _ = three
-    ds.merge(str(tmp_path / "all"), [str(p) for p in paths])
+    shards.merge(str(tmp_path / "all"), [str(p) for p in paths])
     os.rename(paths[1], tmp_path / "old")
     write(paths[1], *make_rows(6, seed=77))  # same size, other rows
-    with pytest.raises(DatastoreError, match="changed or replaced since"):
+    with pytest.raises(KnnlmError, match="changed or replaced since"):
         ds.Datastore.open(str(tmp_path / "all"))
 
 
 def test_missing_shard_is_refused(tmp_path, three):
     paths, _ = three
-    ds.merge(str(tmp_path / "all"), [str(p) for p in paths])
+    shards.merge(str(tmp_path / "all"), [str(p) for p in paths])
     os.rename(paths[2], tmp_path / "moved")
-    with pytest.raises(DatastoreError, match="does not exist"):
+    with pytest.raises(KnnlmError, match="does not exist"):
         ds.Datastore.open(str(tmp_path / "all"))
 
 
@@ -113,36 +111,36 @@ def test_missing_shard_is_refused(tmp_path, three):
 def test_merge_refuses_datastores_that_do_not_belong_together(tmp_path, three, change, message):
     paths, _ = three
     write(tmp_path / "odd", *make_rows(10, seed=5), meta={**META, **change})
-    with pytest.raises(DatastoreError, match=message):
-        ds.merge(str(tmp_path / "all"), [str(paths[0]), str(tmp_path / "odd")])
+    with pytest.raises(KnnlmError, match=message):
+        shards.merge(str(tmp_path / "all"), [str(paths[0]), str(tmp_path / "odd")])
     assert not (tmp_path / "all" / "manifest.json").exists()
 
 
 def test_merge_refuses_other_dim_and_key_dtype(tmp_path, three):
     paths, _ = three
     write(tmp_path / "wide", *make_rows(10, seed=5, dim=8))
-    with pytest.raises(DatastoreError, match="dim"):
-        ds.merge(str(tmp_path / "x"), [str(paths[0]), str(tmp_path / "wide")])
+    with pytest.raises(KnnlmError, match="dim"):
+        shards.merge(str(tmp_path / "x"), [str(paths[0]), str(tmp_path / "wide")])
     write(tmp_path / "f32", *make_rows(10, seed=5), key_dtype="float32")
-    with pytest.raises(DatastoreError, match="key_dtype"):
-        ds.merge(str(tmp_path / "y"), [str(paths[0]), str(tmp_path / "f32")])
+    with pytest.raises(KnnlmError, match="key_dtype"):
+        shards.merge(str(tmp_path / "y"), [str(paths[0]), str(tmp_path / "f32")])
 
 
 def test_same_dump_requires_the_same_split(tmp_path, three):
     paths, _ = three
     write(tmp_path / "valid", *make_rows(10, seed=5), meta={**META, "split": "valid"})
-    ds.merge(str(tmp_path / "ok"), [str(paths[0]), str(tmp_path / "valid")])  # two corpora: allowed
-    with pytest.raises(DatastoreError, match="split"):
-        ds.merge(str(tmp_path / "no"), [str(paths[0]), str(tmp_path / "valid")], same_dump=True)
+    shards.merge(str(tmp_path / "ok"), [str(paths[0]), str(tmp_path / "valid")])  # two corpora: allowed
+    with pytest.raises(KnnlmError, match="split"):
+        shards.merge(str(tmp_path / "no"), [str(paths[0]), str(tmp_path / "valid")], same_dump=True)
 
 
 def test_merge_refuses_an_existing_datastore_and_incomplete_sources(tmp_path, three):
     paths, _ = three
-    with pytest.raises(DatastoreError, match="already holds a datastore"):
-        ds.merge(str(paths[0]), [str(paths[1])])
+    with pytest.raises(KnnlmError, match="already holds a datastore"):
+        shards.merge(str(paths[0]), [str(paths[1])])
     (tmp_path / "half").mkdir()
-    with pytest.raises(DatastoreError, match="no manifest.json"):
-        ds.merge(str(tmp_path / "z"), [str(paths[0]), str(tmp_path / "half")])
+    with pytest.raises(KnnlmError, match="no manifest.json"):
+        shards.merge(str(tmp_path / "z"), [str(paths[0]), str(tmp_path / "half")])
 
 
 def test_assemble_waits_for_every_shard(tmp_path):
@@ -150,9 +148,9 @@ def test_assemble_waits_for_every_shard(tmp_path):
     rows = make_rows(100, seed=4)
     meta = {**META, "shard": {"id": 0, "of": 2}}
     write(top / shards.shard_name(0, 2), rows[0][:60], rows[1][:60], meta=meta)
-    assert ds.assemble_shards(str(top), 2) is None and not (top / "manifest.json").exists()
+    assert shards.assemble_shards(str(top), 2) is None and not (top / "manifest.json").exists()
     write(top / shards.shard_name(1, 2), rows[0][60:], rows[1][60:], meta={**META, "shard": {"id": 1, "of": 2}})
-    m = ds.assemble_shards(str(top), 2)
+    m = shards.assemble_shards(str(top), 2)
     assert m["count"] == 100 and json.loads((top / "manifest.json").read_text())["count"] == 100
     np.testing.assert_array_equal(ds.Datastore.open(str(top)).vals[:], rows[1])
-    assert ds.assemble_shards(str(top), 2)["fingerprint"] == m["fingerprint"]  # a second finisher: same answer
+    assert shards.assemble_shards(str(top), 2)["fingerprint"] == m["fingerprint"]  # a second finisher: same answer

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 
 from clis import run_cli
-from fairseq_free import load
+from knnlm_fairseq.core import retrieval_log as rl, sweep as sw
 
-rl = load("retrieval_log")
-sw = load("sweep")
 
 N, K, V = 300, 16, 40
 
@@ -27,7 +25,8 @@ def write_log(path, seed=0, missing_rows=()):
     w = rl.RetrievalLogWriter(str(path), K, {"split": "valid"})
     for s in range(0, N, 77):  # several appends
         sl = slice(s, s + 77)
-        w.add(target=target[sl], lm_lp=lm_lp[sl], vals=vals[sl], dist_approx=d[sl], dist_exact=exact[sl])
+        ids = np.where(np.isfinite(d[sl]), rng.integers(0, 10**6, d[sl].shape), -1)  # rows are not read by the sweep
+        w.add(target=target[sl], lm_lp=lm_lp[sl], ids=ids, vals=vals[sl], dist_approx=d[sl], dist_exact=exact[sl])
     w.close()
     return target, lm_lp, vals, {"approx": d, "exact": exact}
 
@@ -90,7 +89,7 @@ def test_bad_grids_refused(log, bad):
 
 def test_unfinished_log_refused(tmp_path):
     w = rl.RetrievalLogWriter(str(tmp_path / "x"), K, {})
-    w.add(target=np.zeros(2), lm_lp=np.zeros(2), vals=np.zeros((2, K)), dist_approx=np.zeros((2, K)),
+    w.add(target=np.zeros(2), lm_lp=np.zeros(2), ids=np.zeros((2, K)), vals=np.zeros((2, K)), dist_approx=np.zeros((2, K)),
           dist_exact=np.zeros((2, K)))
     with pytest.raises(ValueError, match="not a finished retrieval log"):
         rl.RetrievalLog(str(tmp_path / "x"))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from knnlm_fairseq.textprep import (PrepError, WikiTextTokenizer, count_oov, load_dict_words, prepare, read_document,
+from knnlm_fairseq.core.textprep import (KnnlmError, WikiTextTokenizer, count_oov, load_dict_words, prepare, read_document,
                                     split_documents, strip_gutenberg, tokenize_document)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,9 +102,9 @@ def test_split_by_document_never_by_line(tmp_path):
     assert (len(s["valid"]), len(s["test"]), len(s["dstore"])) == (2, 1, 7)
     assert s == split_documents(names, valid_frac=0.2, test_frac=0.1, seed=3)  # seeded
     assert split_documents(names, ["d4.txt"], ["d0"])["test"] == ["d0"]
-    with pytest.raises(PrepError, match="both"):
+    with pytest.raises(KnnlmError, match="both"):
         split_documents(names, ["d1"], ["d1"])
-    with pytest.raises(PrepError, match="dstore part would hold no documents"):
+    with pytest.raises(KnnlmError, match="dstore part would hold no documents"):
         split_documents(["a", "b"], ["a"], ["b"])
 
     src = _folder(tmp_path)

@@ -4,8 +4,9 @@ import logging
 import os
 import sys
 
-from ..datastore import Datastore, DatastoreError
-from ..index import DEFAULT_FACTORY, METRICS, build_index
+from ..core.datastore import Datastore
+from ..core.errors import KnnlmError
+from ..core.index import DEFAULT_FACTORY, METRICS, build_index
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                     add_chunk=args.add_chunk, seed=args.seed, use_gpu=args.gpu,
                     progress=not args.no_progress_bar, checkpoint_seconds=args.checkpoint_seconds,
                     ondisk=args.ondisk)
-    except DatastoreError as e:
+    except KnnlmError as e:
         print(f"knnlm-build-index: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,7 +7,8 @@ an index over OUT with knnlm-build-index and evaluate with --dstore-dir OUT. The
 import argparse
 import sys
 
-from ..datastore import DatastoreError, merge
+from ..core.errors import KnnlmError
+from ..core.shards import merge
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         m = merge(args.out, args.sources, same_dump=args.same_dump)
-    except DatastoreError as e:
+    except KnnlmError as e:
         print(f"knnlm-merge-dstore: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {m['count']:,} entries of dim {m['dim']} from {len(m['shards'])} datastores")

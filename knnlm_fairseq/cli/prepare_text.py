@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from ..textprep import METADATA_NAMES, PARTS, PrepError, prepare
+from ..core.errors import KnnlmError
+from ..core.textprep import METADATA_NAMES, PARTS, prepare
 
 
 def names(text: str):
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     try:
         info = prepare(args.src_dir, args.dict, args.out, flat(args.valid_docs), flat(args.test_docs),
                        args.valid_frac, args.test_frac, args.seed, args.exclude)
-    except (PrepError, OSError) as e:
+    except (KnnlmError, OSError) as e:
         print(f"knnlm-prepare-text: error: {e}", file=sys.stderr)
         return 2
     with open(os.path.join(args.out, "prep.json"), "w") as f:

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 
-from ..datastore import DatastoreError
-from ..retrieval_log import CACHE_ARRAYS, RetrievalLog
-from ..sweep import KINDS, best, lookup, mix_knn, sweep, sweep_cache, token_log_probs
+from ..core.errors import KnnlmError
+
+KINDS = ("approx", "exact")  # core.sweep's; not imported here so that --help starts without torch
 
 
 def floats(text: str):
@@ -43,6 +43,9 @@ def get_parser() -> argparse.ArgumentParser:
 def cache_sweep(args, logs, tune_result) -> dict:
     """base, +cache, +kNN, +kNN+cache per log: (θ, μ) tuned on the first log for the cache alone, and (λ, θ, μ) at
     the first log's tuned k and T for kNN + cache."""
+    from ..core.retrieval_log import CACHE_ARRAYS, RetrievalLog
+    from ..core.sweep import best, mix_knn, sweep_cache, token_log_probs
+
     if len(args.cache_logs) != len(logs):
         raise ValueError(f"{len(args.cache_logs)} cache logs for {len(logs)} retrieval logs: pass one per log, in order")
     kind = args.cache_kind
@@ -80,13 +83,16 @@ def cache_sweep(args, logs, tune_result) -> dict:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    from ..core.retrieval_log import RetrievalLog
+    from ..core.sweep import best, lookup, sweep
+
     try:
         logs = [RetrievalLog(p) for p in [args.tune] + args.apply]
         ks = args.ks or [k for k in (2**i for i in range(3, 21)) if k <= logs[0].k]
         kinds = args.kinds.split(",")
         results = [sweep(log, args.lmbdas, ks, args.temps, kinds) for log in logs]
         cache = cache_sweep(args, logs, results[0]) if args.cache_logs else None
-    except (DatastoreError, ValueError) as e:
+    except (KnnlmError, ValueError) as e:
         print(f"knnlm-sweep: error: {e}", file=sys.stderr)
         return 2
     out = {"settings": {"lmbdas": args.lmbdas, "ks": ks, "temps": args.temps, "kinds": kinds}, "logs": []}

@@ -2,7 +2,7 @@
 import pickle
 import sys
 
-from .datastore import DatastoreError
+from ..core.errors import KnnlmError
 
 
 def _inside_torch_load(tb) -> bool:
@@ -17,7 +17,7 @@ def _inside_torch_load(tb) -> bool:
 def one_line(kind, err, tb=None) -> str:
     """The message for errors we know how to explain; '' for everything else."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else kind.__name__
-    if issubclass(kind, DatastoreError):
+    if issubclass(kind, KnnlmError):
         return str(err)
     if issubclass(kind, pickle.UnpicklingError) and "Weights only load failed" in str(err):
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]

@@ -14,6 +14,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from sacremoses import MosesTokenizer
 
+from .errors import KnnlmError
+
 PARTS = ("dstore", "valid", "test")
 METADATA_NAMES = ("SOURCE", "README", "LICENSE")  # notes that ship beside corpora (e.g. ../shared's SOURCE.txt)
 
@@ -28,10 +30,6 @@ _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
 _DIGIT_POINT = re.compile(r"(?<=\d)\.(?=\d)")
 _DASHES = re.compile(r"-{2,}")  # typewriter em dash ("--"); WikiText has the real "—"
 _WS = re.compile(r"\s+")
-
-
-class PrepError(ValueError):
-    """A bad input, reported as one line by the CLI."""
 
 
 def read_document(path: str) -> str:
@@ -101,12 +99,12 @@ def tokenize_document(text: str, tokenizer: Optional[WikiTextTokenizer] = None) 
 def list_documents(src_dir: str, exclude: Sequence[str] = METADATA_NAMES) -> Dict[str, str]:
     """{name: path} of the .txt files in src_dir (sorted; name = file name without .txt), minus `exclude` names."""
     if not os.path.isdir(src_dir):
-        raise PrepError(f"{src_dir} is not a directory")
+        raise KnnlmError(f"{src_dir} is not a directory")
     skip = {n[:-4] if n.endswith(".txt") else n for n in exclude}
     docs = {f[:-4]: os.path.join(src_dir, f) for f in sorted(os.listdir(src_dir))
             if f.endswith(".txt") and f[:-4] not in skip and os.path.isfile(os.path.join(src_dir, f))}
     if not docs:
-        raise PrepError(f"{src_dir} holds no .txt files (each .txt file is one document)")
+        raise KnnlmError(f"{src_dir} holds no .txt files (each .txt file is one document)")
     return docs
 
 
@@ -116,7 +114,7 @@ def _resolve(names: Sequence[str], docs: Iterable[str], flag: str) -> List[str]:
     for n in names:
         key = n[:-4] if n.endswith(".txt") else n
         if key not in docs:
-            raise PrepError(f"{flag} names '{n}', which is not a document here (documents: {', '.join(docs)})")
+            raise KnnlmError(f"{flag} names '{n}', which is not a document here (documents: {', '.join(docs)})")
         if key not in out:
             out.append(key)
     return out
@@ -134,7 +132,7 @@ def split_documents(names: Sequence[str], valid_docs: Sequence[str] = (), test_d
     test = _resolve(test_docs, names, "--test-docs")
     both = sorted(set(valid) & set(test))
     if both:
-        raise PrepError(f"{', '.join(both)} named in both --valid-docs and --test-docs; a document goes to one part")
+        raise KnnlmError(f"{', '.join(both)} named in both --valid-docs and --test-docs; a document goes to one part")
     free = [n for n in names if n not in valid and n not in test]
     order = [free[i] for i in np.random.default_rng(seed).permutation(len(free))]
 
@@ -151,7 +149,7 @@ def split_documents(names: Sequence[str], valid_docs: Sequence[str] = (), test_d
     split = {"dstore": [n for n in names if n not in valid and n not in test], "valid": valid, "test": test}
     for part in PARTS:
         if not split[part]:
-            raise PrepError(f"the {part} part would hold no documents ({len(names)} documents, "
+            raise KnnlmError(f"the {part} part would hold no documents ({len(names)} documents, "
                             f"valid {valid or '-'}, test {test or '-'}); name fewer held-out documents or add more")
     return split
 
@@ -159,7 +157,7 @@ def split_documents(names: Sequence[str], valid_docs: Sequence[str] = (), test_d
 def load_dict_words(path: str) -> set:
     """The words of a fairseq dict.txt ("word count" per line; fairseq's specials are added by fairseq itself)."""
     if not os.path.isfile(path):
-        raise PrepError(f"dictionary {path} does not exist")
+        raise KnnlmError(f"dictionary {path} does not exist")
     words = set()
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -205,7 +203,7 @@ def prepare(src_dir: str, dict_path: str, out_dir: str, valid_docs: Sequence[str
             lines += doc_lines
         n, oov, missing = count_oov(lines, vocab)
         if n == 0:
-            raise PrepError(f"the {part} part ({', '.join(split[part])}) holds no text after tokenization")
+            raise KnnlmError(f"the {part} part ({', '.join(split[part])}) holds no text after tokenization")
         texts[part] = lines
         info["parts"][part] = {"documents": split[part], "paragraphs": len(lines), "tokens": n, "oov": oov,
                                "oov_rate": round(oov / n, 5), "top_oov": missing.most_common(15)}

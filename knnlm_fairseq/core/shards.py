@@ -7,9 +7,14 @@ per `--num-shards/--shard-id` job) or from `knnlm-merge-dstore` over any compati
 """
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+import logging
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np
+from .datastore import MANIFEST, Datastore
+from .durable import write_json_atomic
+from .errors import KnnlmError
+
+logger = logging.getLogger(__name__)
 
 # what must agree for rows of different shards to mean the same thing: the model, the vocabulary, the key
 KEY_FIELDS = ("key_type", "dim", "key_dtype", "val_dtype", "vocab_size")
@@ -24,47 +29,6 @@ def shard_name(shard_id: int, num_shards: int) -> str:
 def shard_range(num_batches: int, shard_id: int, num_shards: int) -> Tuple[int, int]:
     """Contiguous batches [start, stop) of one shard: shards concatenated in id order are the unsharded order."""
     return num_batches * shard_id // num_shards, num_batches * (shard_id + 1) // num_shards
-
-
-class RowConcat:
-    """Read-only row concatenation of arrays (memmaps) that indexes like one numpy array, never copying all."""
-
-    def __init__(self, parts: Sequence[np.ndarray]):
-        assert parts, "no arrays to concatenate"
-        assert len({(p.dtype, p.shape[1:]) for p in parts}) == 1, "parts differ in dtype or row shape"
-        self.parts = list(parts)
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])  # (P + 1,) first row of each part, then n
-        self.dtype = parts[0].dtype
-        self.shape = (int(self.offsets[-1]),) + parts[0].shape[1:]
-        self.ndim = len(self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx):
-        if isinstance(idx, slice):
-            start, stop, step = idx.indices(len(self))
-            if step != 1:
-                return self[np.arange(start, stop, step)]
-            out = [p[max(start - lo, 0) : max(min(stop, hi) - lo, 0)]
-                   for p, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:]) if lo < stop and hi > start]
-            return np.concatenate(out) if out else self.parts[0][:0]
-        if np.isscalar(idx):
-            i = int(idx) + (len(self) if int(idx) < 0 else 0)
-            p = int(np.searchsorted(self.offsets, i, side="right")) - 1
-            return self.parts[p][i - self.offsets[p]]
-        ids = np.asarray(idx)
-        flat = ids.reshape(-1)  # (m,)
-        which = np.searchsorted(self.offsets, flat, side="right") - 1  # (m,) part of each row
-        out = np.empty((flat.size,) + self.shape[1:], dtype=self.dtype)
-        for p in np.unique(which):
-            sel = which == p
-            out[sel] = self.parts[p][flat[sel] - self.offsets[p]]
-        return out.reshape(ids.shape + self.shape[1:])
-
-    def __array__(self, dtype=None, copy=None):
-        arr = np.concatenate([np.asarray(p) for p in self.parts])  # the whole thing: only for small arrays
-        return arr if dtype is None else arr.astype(dtype)
 
 
 def combined_manifest(out_dir: str, shards: List[Tuple[str, Dict]], same_dump: bool) -> Dict:
@@ -97,3 +61,42 @@ def combined_manifest(out_dir: str, shards: List[Tuple[str, Dict]], same_dump: b
         "".join(f"{s['fingerprint']}:{s['count']};" for s in out["shards"]).encode()
     ).hexdigest()
     return out
+
+
+def merge(out_dir: str, sources: List[str], same_dump: bool = False) -> Dict:
+    """Write out_dir/manifest.json describing `sources` (complete datastores) read as one; copies no rows."""
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise KnnlmError(f"{out_dir} already holds a datastore; choose another output directory")
+    if not sources:
+        raise KnnlmError("nothing to merge: name at least one datastore")
+    shards = [(src, Datastore.open(src).manifest) for src in sources]
+    try:
+        manifest = combined_manifest(out_dir, shards, same_dump)
+    except ValueError as e:
+        raise KnnlmError(str(e)) from None
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def assemble_shards(path: str, num_shards: int) -> Optional[Dict]:
+    """After one shard of a multi-worker dump finishes: if every shard has, write the datastore's manifest.
+
+    Each worker calls this after closing its own shard, so the last one to finish always sees all of them;
+    two finishing together write the same manifest (atomic rename), so no coordination is needed.
+    """
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    done = [n for n in names if os.path.exists(os.path.join(path, n, MANIFEST))]
+    if len(done) < num_shards:
+        logger.info(f"{len(done)} of {num_shards} shards of {path} are complete; the datastore is complete when all are")
+        return None
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return Datastore.open(path).manifest
+    shards = [(os.path.join(path, n), Datastore.open(os.path.join(path, n)).manifest) for n in names]
+    try:
+        manifest = combined_manifest(path, shards, same_dump=True)
+    except ValueError as e:
+        raise KnnlmError(str(e)) from None
+    write_json_atomic(os.path.join(path, MANIFEST), manifest)
+    logger.info(f"datastore {path}: {manifest['count']:,} entries in {num_shards} shards")
+    return manifest

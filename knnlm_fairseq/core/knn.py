@@ -4,6 +4,7 @@ p_kNN(w) ∝ Σ_{j: v_j = w} exp(-d_j / T) over the k retrieved neighbours (dist
 inner products are passed negated). Neighbours that were not found carry d = inf.
 """
 import math
+from typing import Union
 
 import torch
 
@@ -54,26 +55,61 @@ def knn_target_log_probs(dists: torch.Tensor, vals: torch.Tensor, target: torch.
     return torch.logsumexp(scores.masked_fill(~hit, float("-inf")), dim=-1)
 
 
-def interpolate(lm_lp: torch.Tensor, knn_lp: torch.Tensor, lmbda: float) -> torch.Tensor:
-    """log(λ·p_kNN + (1-λ)·p_LM), elementwise; λ=0 returns the LM and λ=1 the kNN log-probs unchanged."""
-    if not 0.0 <= lmbda <= 1.0:
+Lambda = Union[float, torch.Tensor]  # one λ for all rows, or a per-row (N,) tensor
+
+
+def _log_weights(lmbda: Lambda, like: torch.Tensor):
+    """log(1-λ) and log λ: Python floats for one λ (as the paper's code computes them), else float64 tensors
+    cast to `like`'s dtype and shaped (N, 1, ...) to broadcast against its rows."""
+    if not torch.is_tensor(lmbda):
+        return (math.log(1.0 - lmbda) if lmbda < 1.0 else float("-inf"),
+                math.log(lmbda) if lmbda > 0.0 else float("-inf"))
+    lam = lmbda.to(device=like.device, dtype=torch.float64).view(-1, *([1] * (like.dim() - 1)))  # (N, 1, ...)
+    return torch.log1p(-lam).to(like.dtype), torch.log(lam).to(like.dtype)
+
+
+def check_lmbda(lmbda: Lambda) -> None:
+    lam = torch.as_tensor(lmbda)
+    if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
-    if lmbda == 0.0:
-        return lm_lp
-    if lmbda == 1.0:
-        return knn_lp
-    return torch.logaddexp(lm_lp + math.log(1.0 - lmbda), knn_lp + math.log(lmbda))
 
 
-def interpolate_full(lm_lp: torch.Tensor, dists: torch.Tensor, vals: torch.Tensor, lmbda: float,
+def interpolate(lm_lp: torch.Tensor, knn_lp: torch.Tensor, lmbda: Lambda) -> torch.Tensor:
+    """log(λ·p_kNN + (1-λ)·p_LM), elementwise; λ may be per row. λ=0 gives the LM and λ=1 the kNN log-probs
+    unchanged."""
+    check_lmbda(lmbda)
+    if not torch.is_tensor(lmbda):
+        if lmbda == 0.0:
+            return lm_lp
+        if lmbda == 1.0:
+            return knn_lp
+    log_1m, log_l = _log_weights(lmbda, lm_lp)
+    # rows at λ=0 are the LM exactly: logaddexp(x, -inf) = x
+    return torch.logaddexp(lm_lp + log_1m, knn_lp + log_l)
+
+
+def interpolate_full(lm_lp: torch.Tensor, dists: torch.Tensor, vals: torch.Tensor, lmbda: Lambda,
                      temp: float = 1.0) -> torch.Tensor:
     """Interpolated log-probs over the whole vocabulary, (N, V), from LM log-probs (N, V) and k neighbours.
 
     p_kNN is zero off the (at most k) retrieved words, so those entries are just log(1-λ) + LM;
-    only the neighbours' words need a logaddexp.
+    only the neighbours' words need a logaddexp. λ: a float or a per-row (N,) tensor.
     """
-    if lmbda == 0.0:
+    if not torch.is_tensor(lmbda) and lmbda == 0.0:
         return lm_lp
     nb = neighbor_log_probs(dists, vals, temp)  # (N, k)
-    out = lm_lp + (math.log(1.0 - lmbda) if lmbda < 1.0 else float("-inf"))
+    log_1m, _ = _log_weights(lmbda, lm_lp)
+    out = lm_lp + log_1m  # (N, V); -inf at λ=1
     return out.scatter_(1, vals, interpolate(lm_lp.gather(1, vals), nb, lmbda))
+
+
+def mix_rows(lp: torch.Tensor, rows: torch.Tensor, dists: torch.Tensor, vals: torch.Tensor, lmbda: Lambda,
+             temp: float, chunk: int = 256) -> None:
+    """In place: lp[rows] = interpolate_full(lp[rows], ...), `chunk` rows at a time so memory stays at
+    chunk x V floats, never (N, V) copies. lp (n, V); rows (N,); dists, vals (N, k); λ float or (N,)."""
+    per_row = torch.is_tensor(lmbda)
+    for s in range(0, rows.numel(), chunk):
+        r = rows[s : s + chunk]
+        lam = lmbda[s : s + chunk] if per_row else lmbda
+        mixed = interpolate_full(lp[r].float(), dists[s : s + chunk], vals[s : s + chunk], lam, temp)
+        lp[r] = mixed.to(lp.dtype)

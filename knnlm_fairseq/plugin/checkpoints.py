@@ -12,10 +12,11 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .datastore import sha256_file
+from ..core.durable import sha256_file
 
-_scalar = np._core.multiarray.scalar
-_reconstruct = np._core.multiarray._reconstruct
+_multiarray = np._core.multiarray  # numpy >= 2 (setup.py requires it); 1.x pickles name numpy.core, mapped below
+_scalar = _multiarray.scalar
+_reconstruct = _multiarray._reconstruct
 LEGACY_SAFE_GLOBALS = [
     argparse.Namespace,
     np.ndarray,
@@ -38,5 +39,3 @@ def checkpoint_identity(path: str) -> Dict:
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "sha256": sha256_file(path)}
 
-
-allow_legacy_checkpoints()

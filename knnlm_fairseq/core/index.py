@@ -1,16 +1,20 @@
-"""FAISS indexes over a datastore: build from a factory string, load with checks, batched search."""
+"""Building a FAISS index over a datastore from a factory string: sampled training, chunked adds, resumable.
+
+The index file is written atomically with a sidecar (INDEX.json) naming the datastore it was built over;
+retriever.py refuses an index whose sidecar does not match.
+"""
 import logging
 import os
 import re
 import time
-import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import faiss
 import numpy as np
-import torch
 
-from .datastore import Datastore, DatastoreError, write_json_atomic
+from .datastore import Datastore
+from .durable import write_json_atomic
+from .errors import KnnlmError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def _add_ondisk(trained: faiss.Index, dstore: Datastore, index_path: str, add_ch
     try:
         faiss.extract_index_ivf(trained)
     except RuntimeError:
-        raise DatastoreError("--ondisk needs an IVF factory (e.g. 'IVF4096,PQ64')") from None
+        raise KnnlmError("--ondisk needs an IVF factory (e.g. 'IVF4096,PQ64')") from None
     shards = []
     with tqdm(total=dstore.count, unit="key", disable=not progress, desc="add (shards)") as bar:
         for start, keys in dstore.iter_keys(add_chunk):
@@ -143,9 +147,9 @@ def build_index(
     running the same build again after a crash resumes there instead of starting over.
     """
     if metric not in METRICS:
-        raise DatastoreError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
+        raise KnnlmError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
     if train_size < 1:
-        raise DatastoreError(f"--train-size must be >= 1, got {train_size}")
+        raise KnnlmError(f"--train-size must be >= 1, got {train_size}")
     n_train = min(train_size, dstore.count)
     used = scale_factory(factory, n_train)
     if used != factory:
@@ -162,14 +166,14 @@ def build_index(
         try:
             index = faiss.index_factory(dstore.dim, used, METRICS[metric])
         except RuntimeError as e:
-            raise DatastoreError(f"faiss cannot build '{used}' for dim {dstore.dim}: {str(e).splitlines()[-1]}") from None
+            raise KnnlmError(f"faiss cannot build '{used}' for dim {dstore.dim}: {str(e).splitlines()[-1]}") from None
         t0 = time.time()
         if not index.is_trained:
             work = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
             try:
                 work.train(_sample_rows(dstore, n_train, seed))
             except RuntimeError as e:  # e.g. 8-bit PQ needs >= 256 training keys per codebook
-                raise DatastoreError(
+                raise KnnlmError(
                     f"faiss cannot train '{used}' on {n_train:,} keys ({str(e).strip().splitlines()[-1]}); "
                     f"use more keys (--train-size) or a smaller factory such as 'Flat'"
                 ) from None
@@ -217,120 +221,3 @@ def build_index(
         os.remove(f)
     logger.info(f"index {index_path}: {used}, {index.ntotal:,} keys, train {train_s:.1f}s, add {add_s:.1f}s")
     return meta
-
-
-def load_index(index_path: str, dstore: Datastore) -> Tuple[faiss.Index, Dict]:
-    """Load an index and refuse it unless it was built over exactly this datastore."""
-    import json
-
-    mpath = index_meta_path(index_path)
-    if not os.path.exists(index_path) or not os.path.exists(mpath):
-        raise DatastoreError(f"no index at {index_path} (with {os.path.basename(mpath)}); run knnlm-build-index first")
-    with open(mpath) as f:
-        meta = json.load(f)
-    if meta["dstore"]["fingerprint"] != dstore.fingerprint or meta["ntotal"] != dstore.count:
-        raise DatastoreError(
-            f"index {index_path} was built for another datastore ({meta['ntotal']:,} keys from "
-            f"{meta['dstore']['path']}); rebuild it with knnlm-build-index {dstore.path}"
-        )
-    if meta.get("index_digest") != index_digest(index_path):
-        raise DatastoreError(f"{index_path} is not the index its sidecar {os.path.basename(mpath)} describes (copied "
-                             f"or rebuilt separately); rebuild it with knnlm-build-index {dstore.path}")
-    try:
-        index = faiss.read_index(index_path)
-    except RuntimeError as e:
-        raise DatastoreError(f"{index_path} is not a readable faiss index ({str(e).splitlines()[-1]}); rebuild it") from None
-    if index.ntotal != dstore.count or index.d != dstore.dim:
-        raise DatastoreError(f"index {index_path} holds {index.ntotal} x {index.d}, not the datastore's shape; rebuild it")
-    return index, meta
-
-
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    try:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    except RuntimeError:
-        pass  # not an IVF index: nothing to probe
-
-
-class Retriever:
-    """k nearest datastore entries for a batch of queries, with faiss or exact (recomputed) distances.
-
-    Distances are "smaller is closer": squared L2, or the negated inner product.
-    """
-
-    def __init__(self, dstore: Datastore, index: faiss.Index, metric: str, k: int, exact: bool = True,
-                 chunk_floats: int = 1 << 22):
-        if k < 1:
-            raise DatastoreError(f"k must be >= 1, got {k}")
-        if k > dstore.count:
-            raise DatastoreError(f"k={k} exceeds the datastore's {dstore.count:,} entries; pass a smaller --k")
-        self.dstore, self.index, self.metric, self.k, self.exact = dstore, index, metric, k, exact
-        # torch views of the memmaps: index_select gathers rows in parallel, unlike numpy fancy indexing
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write through these
-            self.key_parts = [torch.from_numpy(np.asarray(k)) for k in dstore.key_parts]  # [(n_p, dim) float16]
-            self.vals = torch.from_numpy(np.concatenate([np.asarray(v) for v in dstore.val_parts])).long()  # (n,)
-        self.offsets = torch.from_numpy(dstore.offsets)  # (P + 1,) first row of each shard
-        self.chunk_floats = chunk_floats  # floats per exact-distance chunk: 16 MB stays in cache
-
-    def search(self, queries: torch.Tensor, both: bool = False):
-        """queries: (N, dim). Returns dists (N, k) float32 and vals (N, k) int64 on the queries' device.
-
-        With both=True: (approx dists, exact dists, vals) on the CPU, for a retrieval log.
-        """
-        q = queries.detach().float().cpu().contiguous()  # (N, dim)
-        D, I = self.index.search(q.numpy(), self.k)  # one faiss call for the whole batch
-        ids = torch.from_numpy(I)
-        missing = ids < 0
-        ids = ids.clamp_min(0)
-        vals = self.vals.index_select(0, ids.view(-1)).view(ids.shape)  # (N, k)
-        approx = torch.from_numpy(D)
-        if self.metric == "ip":
-            approx = -approx
-        approx = approx.masked_fill(missing, float("inf"))
-        exact = self.exact_dists(q, ids).masked_fill_(missing, float("inf")) if (self.exact or both) else None
-        if both:
-            return approx, exact, vals
-        dists = exact if self.exact else approx
-        return dists.to(queries.device), vals.to(queries.device)
-
-    def gather_keys(self, ids: torch.Tensor) -> torch.Tensor:
-        """Stored keys of datastore rows `ids` (m,) -> (m, dim), across shards."""
-        if len(self.key_parts) == 1:
-            return self.key_parts[0].index_select(0, ids)
-        which = torch.searchsorted(self.offsets, ids, right=True) - 1  # (m,) shard of each row
-        out = torch.empty(ids.numel(), self.dstore.dim, dtype=self.key_parts[0].dtype)
-        for p in which.unique().tolist():
-            sel = (which == p).nonzero().squeeze(1)
-            out[sel] = self.key_parts[p].index_select(0, ids[sel] - self.offsets[p])
-        return out
-
-    def exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Distances from the stored keys: one gather per chunk of queries, bounded memory. (N, k)"""
-        n, k = ids.shape
-        out = torch.empty(n, k)
-        step = max(1, self.chunk_floats // (k * self.dstore.dim))
-        for s in range(0, n, step):
-            qs = q[s : s + step]  # (c, dim)
-            keys = self.gather_keys(ids[s : s + step].reshape(-1)).view(-1, k, self.dstore.dim).float()
-            dots = torch.bmm(keys, qs.unsqueeze(-1)).squeeze(-1)  # (c, k)
-            if self.metric == "l2":
-                sq = torch.linalg.vector_norm(keys, dim=-1).square_() + qs.square().sum(-1, keepdim=True)
-                out[s : s + step] = (sq - 2 * dots).clamp_min_(0)
-            else:
-                out[s : s + step] = -dots
-        return out
-
-
-def open_retriever(dstore_dir: str, index_file: str, k: int, nprobe: int, exact: bool,
-                   metric: Optional[str] = None) -> Retriever:
-    dstore = Datastore.open(dstore_dir)
-    index_path = index_file if os.path.isabs(index_file) else os.path.join(dstore_dir, index_file)
-    index, meta = load_index(index_path, dstore)
-    if metric is not None and metric != meta["metric"]:
-        raise DatastoreError(
-            f"index {index_path} was built for '{meta['metric']}' similarity, not '{metric}'; "
-            f"pass --knn-sim {meta['metric']} or rebuild with --metric {metric}"
-        )
-    set_nprobe(index, nprobe)
-    return Retriever(dstore, index, meta["metric"], k, exact)

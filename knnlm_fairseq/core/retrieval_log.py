@@ -3,23 +3,25 @@
 Layout of a retrieval log directory (rows in eval-lm's scoring order):
     target.npy       (n,) int32       the token being predicted
     lm_lp.npy        (n,) float32     the LM's natural-log probability of it
-    vals.npy         (n, k) int32     the neighbours' next tokens, nearest first (faiss's order)
+    ids.npy          (n, k) int64     the neighbours' datastore rows, nearest first (faiss's order); -1: none
+    vals.npy         (n, k) int32     the neighbours' next tokens (0 where there is no neighbour)
     dist_approx.npy  (n, k) float32   faiss's distances (smaller is closer; inner products negated)
     dist_exact.npy   (n, k) float32   distances recomputed from the stored keys
     meta.json        k, metric, split, datastore fingerprint, count; written last (the commit point)
 """
-import json
 import os
 from typing import Dict
 
 import numpy as np
 
-from .datastore import DatastoreError, StreamingNpy, write_json_atomic
+from .durable import StreamingNpy, read_json, write_json_atomic
+from .errors import KnnlmError
 
 META = "meta.json"
 ARRAYS = {  # name -> (dtype, has a k axis)
     "target": (np.int32, False),
     "lm_lp": (np.float32, False),
+    "ids": (np.int64, True),
     "vals": (np.int32, True),
     "dist_approx": (np.float32, True),
     "dist_exact": (np.float32, True),
@@ -38,7 +40,7 @@ CACHE_ARRAYS = {  # name -> (dtype, has a θ axis)
 class RetrievalLogWriter:
     def __init__(self, path: str, k: int, meta: Dict, arrays: Dict = ARRAYS, flag: str = "--save-retrieval"):
         if os.path.exists(os.path.join(path, META)):
-            raise DatastoreError(f"{path} already holds a log; pass a new {flag} directory")
+            raise KnnlmError(f"{path} already holds a log; pass a new {flag} directory")
         os.makedirs(path, exist_ok=True)
         self.path, self.k, self.meta = path, k, dict(meta)
         self.files = {
@@ -47,7 +49,7 @@ class RetrievalLogWriter:
         }
 
     def add(self, **arrays: np.ndarray) -> None:
-        """target, lm_lp: (n,); vals, dist_approx, dist_exact: (n, k). Missing neighbours: dist = inf."""
+        """target, lm_lp: (n,); ids, vals, dist_approx, dist_exact: (n, k). Missing neighbours: id -1, dist inf."""
         for name, f in self.files.items():
             f.append(arrays[name])
 
@@ -69,16 +71,18 @@ class RetrievalLog:
         if not os.path.exists(mpath):
             what, how = ("retrieval", "--knnlm --save-retrieval") if arrays is ARRAYS else ("cache", "--cache-size N "
                                                                                             "--save-cache")
-            raise DatastoreError(f"{path} has no {META}: not a finished {what} log; run fairseq-eval-lm {how} {path}")
-        with open(mpath) as f:
-            self.meta = json.load(f)
+            raise KnnlmError(f"{path} has no {META}: not a finished {what} log; run fairseq-eval-lm {how} {path}")
+        self.meta = read_json(mpath, "write the log again")
         self.path = path
         for name, (dtype, has_k) in arrays.items():
-            arr = np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
+            fpath = os.path.join(path, f"{name}.npy")
+            if not os.path.exists(fpath):
+                raise KnnlmError(f"{path} has no {name}.npy (a log from an older version, or damaged); write it again")
+            arr = np.load(fpath, mmap_mode="r")
             shape = (self.meta["count"], self.meta["k"]) if has_k else (self.meta["count"],)
             if arr.shape != shape or arr.dtype != dtype:
-                raise DatastoreError(f"{path}/{name}.npy holds {arr.dtype}{list(arr.shape)}, expected "
-                                     f"{np.dtype(dtype)}{list(shape)}; the log is damaged, write it again")
+                raise KnnlmError(f"{path}/{name}.npy holds {arr.dtype}{list(arr.shape)}, expected "
+                                 f"{np.dtype(dtype)}{list(shape)}; the log is damaged, write it again")
             setattr(self, name, arr)
 
     @property

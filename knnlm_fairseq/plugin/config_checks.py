@@ -1,0 +1,27 @@
+"""Refusing flag combinations of the knn_eval task before anything runs: one line naming the fix."""
+import os
+
+from ..core.datastore import MANIFEST
+from ..core.errors import KnnlmError
+
+
+def check_config(a) -> None:
+    if a.knnlm and a.save_dstore:
+        raise KnnlmError("--knnlm and --save-dstore are separate runs; pass one of them")
+    if (a.knnlm or a.save_dstore) and not a.dstore_dir:
+        raise KnnlmError("--knnlm and --save-dstore need --dstore-dir DIR")
+    if a.knnlm and not 0.0 <= a.lmbda < 1.0:
+        # at λ=1 a target no neighbour predicts has probability 0, and eval-lm silently drops -inf scores
+        raise KnnlmError(f"--lmbda must be in [0, 1), got {a.lmbda}: at 1 unretrieved targets get probability 0")
+    if a.save_retrieval and not a.knnlm:
+        raise KnnlmError("--save-retrieval records what --knnlm retrieves; add --knnlm")
+    if a.knnlm and a.knn_temp <= 0:
+        raise KnnlmError(f"--knn-temp must be > 0, got {a.knn_temp}")
+    if a.cache_size < 0 or a.cache_theta <= 0 or not 0.0 <= a.cache_lmbda < 1.0:
+        raise KnnlmError(f"need --cache-size >= 0, --cache-theta > 0 and --cache-lmbda in [0, 1); got "
+                         f"{a.cache_size}, {a.cache_theta}, {a.cache_lmbda}")
+    if a.save_cache and (a.knnlm or not a.cache_size):
+        raise KnnlmError("--save-cache records the cache in a base-LM pass: pass --cache-size N and no --knnlm "
+                         "(knnlm-sweep --cache-logs combines it with a retrieval log)")
+    if a.save_dstore and os.path.exists(os.path.join(a.dstore_dir, MANIFEST)):
+        raise KnnlmError(f"{a.dstore_dir} already holds a datastore; pass a new --dstore-dir")
