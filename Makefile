@@ -9,7 +9,9 @@ SHARED ?= ../shared
 
 # The embedded default: WikiText-2 and a small CPU checkpoint trained on it (../shared when present).
 WT2_DIR ?= $(SHARED)/data/wikitext-2
-WT2_URL ?= https://wikitext.smerity.com/wikitext-2-v1.zip
+# the WikiText author's own host (the original S3 bucket answers 403 since 2024); md5 as torchtext pins it
+WT2_URLS ?= $(or $(WT2_URL),https://wikitext.smerity.com/wikitext-2-v1.zip)
+WT2_MD5 ?= 542ccefacc6c27f945fb54453812b3cd
 CKPT ?= $(SHARED)/models/wt2-small/checkpoint.pt
 CKPT_DICT ?= $(dir $(CKPT))dict.txt
 WT2_BIN ?= data-bin/wikitext-2
@@ -49,7 +51,8 @@ KEYTYPES_ARGS ?= --train-articles 0.05 --valid-tokens 15000 --factory IVF1024,PQ
 	--eval-tokens-per-sample 512 --eval-context-window 256 --max-tokens 8192 --device=--cpu
 KEYTYPES_EXTRA ?=  # e.g. --reuse: keep the subset and every key type already finished in KEYTYPES_WORK
 
-.PHONY: install test test-unit demo lint clean wikitext2 wikitext103 scaling domain keytypes cache wikitext2-extras
+.PHONY: install test test-unit demo lint clean wikitext2 wikitext103 wikitext103-check wikitext103-data wikitext103-model \
+	wikitext103-run scaling domain keytypes cache wikitext2-extras
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -69,9 +72,10 @@ lint:
 
 # ---- data: ../shared's copy, or the public mirror ----------------------------------------------
 data/wikitext-2/wiki.train.tokens:
-	mkdir -p data
-	curl -fL --retry 3 -o data/wikitext-2-v1.zip "$(WT2_URL)"
+	$(BIN)/python scripts/fetch.py data/wikitext-2-v1.zip $(WT2_URLS) --md5 "$(strip $(WT2_MD5))" \
+		--checksum-var WT2_MD5 --urls-var WT2_URLS --manifest data/wikitext-2/download.json
 	cd data && unzip -oq wikitext-2-v1.zip
+	test -f $@
 
 ifeq ($(wildcard $(WT2_DIR)/wiki.train.tokens),)
 WT2_DIR := data/wikitext-2
@@ -148,15 +152,31 @@ cache: $(WT2_BIN)/.done $(CKPT)
 wikitext2-extras: cache domain scaling keytypes
 
 # ---- make wikitext103: the paper end to end, for a GPU machine with internet -------------------
-# Needs ~250 GB free disk (211 GB of fp16 keys), ~32 GB RAM, one GPU; see README "What each target costs".
-WT103_URL ?= https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip
-WT103_CKPT_URL ?= https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2
+# docs/wikitext103.md: sources, checksums, the preflight (make wikitext103-check), resuming, what it costs.
+# Each source is a space-separated list of URLs tried in order; every download is verified or recorded.
+# WikiText-103: the WikiText author's own host first, then the original S3 bucket (403 Forbidden since 2024,
+# kept last in case it returns: the md5 below is the one published for its file, so no other bytes pass).
+WT103_URLS ?= $(or $(WT103_URL),https://wikitext.smerity.com/wikitext-103-v1.zip \
+	https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip)
+# md5 of wikitext-103-v1.zip as torchtext and other loaders pin it
+WT103_MD5 ?= 9ddaacaf6af0710eda8c456decff7832
+# fairseq's published Baevski & Auli model; no checksum is published for it, so an empty WT103_CKPT_SHA256
+# records the tarball's sha256 in $(WT103_CKPT_DIR)/download.json (and the report); set it to pin a download
+WT103_CKPT_URLS ?= $(or $(WT103_CKPT_URL),https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2)
+WT103_CKPT_SHA256 ?=
 WT103_DATA ?= data/wikitext-103
 WT103_BIN ?= data-bin/wikitext-103
 WT103_CKPT_DIR ?= checkpoints/wikitext-103
 WT103_OUT ?= results/wikitext103
 WT103_WORK ?= dstore/wikitext103
+# what the preflight asks for (the capacity plan): disk where WT103_WORK is (211 GB of fp16 keys + index + logs),
+# disk for data, data-bin and checkpoint where they sit on another filesystem, RAM, one GPU; 0 = not checked
 WT103_NEED_GB ?= 250
+WT103_NEED_DATA_GB ?= 5
+WT103_NEED_RAM_GB ?= 32
+WT103_NEED_GPU_GB ?= 32
+# 0: skip the CUDA and faiss-gpu checks (with WT103_DEVICE=--cpu and no --gpu in WT103_ARGS: the CPU takes days)
+WT103_REQUIRE_GPU ?= 1
 WT103_PAPER ?= config/paper_wt103.json
 WT103_DEVICE ?= --fp16
 WT103_ARGS ?= --factory IVF4096,PQ64 --train-size 1000000 --probe 32 --k 1024 --lmbda 0.25 --knn-temp 1 \
@@ -164,10 +184,26 @@ WT103_ARGS ?= --factory IVF4096,PQ64 --train-size 1000000 --probe 32 --k 1024 --
 	--eval-tokens-per-sample 3072 --eval-context-window 2560 --max-tokens 3072 \
 	--eval-extra=--softmax-batch=1024 --index-extra=--gpu
 
+# the preflight first (its own make, so nothing starts before it passes, -j or not), then the run
+wikitext103:
+	$(MAKE) --no-print-directory wikitext103-check
+	$(MAKE) --no-print-directory wikitext103-run
+
+wikitext103-check:
+	$(BIN)/python scripts/wt103_preflight.py \
+		--source WT103_URLS $(WT103_DATA)/wiki.train.tokens $(WT103_URLS) \
+		$(if $(WT103_DICT_ARG),--source WT103_CKPT_URLS $(WT103_CKPT_DIR)/dict.txt $(WT103_CKPT_URLS)) \
+		--disk $(WT103_WORK) $(WT103_NEED_GB) WT103_NEED_GB --disk $(WT103_DATA) $(WT103_NEED_DATA_GB) WT103_NEED_DATA_GB \
+		--disk $(WT103_BIN) $(WT103_NEED_DATA_GB) WT103_NEED_DATA_GB \
+		--disk $(WT103_CKPT_DIR) $(WT103_NEED_DATA_GB) WT103_NEED_DATA_GB \
+		--ram-gb $(WT103_NEED_RAM_GB) --gpu-gb $(WT103_NEED_GPU_GB) $(if $(filter 0,$(WT103_REQUIRE_GPU)),--no-gpu)
+
+wikitext103-data: $(WT103_DATA)/wiki.train.tokens
+
+# the zip is kept beside the text: a re-run verifies it instead of downloading it again
 $(WT103_DATA)/wiki.train.tokens:
-	$(BIN)/python scripts/check_disk.py $(dir $(WT103_DATA)) $(WT103_NEED_GB)
-	mkdir -p $(dir $(WT103_DATA))
-	curl -fL --retry 3 -o $(dir $(WT103_DATA))wikitext-103-v1.zip "$(WT103_URL)"
+	$(BIN)/python scripts/fetch.py $(dir $(WT103_DATA))wikitext-103-v1.zip $(WT103_URLS) --md5 "$(strip $(WT103_MD5))" \
+		--checksum-var WT103_MD5 --urls-var WT103_URLS --manifest $(WT103_DATA)/download.json
 	cd $(dir $(WT103_DATA)) && unzip -oq wikitext-103-v1.zip
 	test -f $@
 
@@ -182,13 +218,15 @@ else
 WT103_CKPT := $(WT103_CKPT_DIR)/model.pt
 WT103_DICT_ARG := --srcdict $(WT103_CKPT_DIR)/dict.txt
 $(WT103_CKPT_DIR)/dict.txt:
-	mkdir -p $(WT103_CKPT_DIR)
-	curl -fL --retry 3 -o $(WT103_CKPT_DIR)/model.tar.bz2 "$(WT103_CKPT_URL)"
+	$(BIN)/python scripts/fetch.py $(WT103_CKPT_DIR)/model.tar.bz2 $(WT103_CKPT_URLS) \
+		--sha256 "$(strip $(WT103_CKPT_SHA256))" --checksum-var WT103_CKPT_SHA256 --urls-var WT103_CKPT_URLS \
+		--manifest $(WT103_CKPT_DIR)/download.json
 	tar -xjf $(WT103_CKPT_DIR)/model.tar.bz2 -C $(WT103_CKPT_DIR) --strip-components=1
 	rm $(WT103_CKPT_DIR)/model.tar.bz2
 	test -f $(WT103_CKPT) && test -f $@
 $(WT103_CKPT): $(WT103_CKPT_DIR)/dict.txt
 endif
+wikitext103-model: $(WT103_CKPT)
 
 $(WT103_BIN)/.done: $(WT103_DATA)/wiki.train.tokens $(if $(WT103_DICT_ARG),$(WT103_CKPT_DIR)/dict.txt)
 	rm -rf $(WT103_BIN)
@@ -197,11 +235,13 @@ $(WT103_BIN)/.done: $(WT103_DATA)/wiki.train.tokens $(if $(WT103_DICT_ARG),$(WT1
 		--testpref $(WT103_DATA)/wiki.test.tokens --destdir $(WT103_BIN) --workers 8
 	touch $@
 
-wikitext103: $(WT103_BIN)/.done $(WT103_CKPT)
-	$(BIN)/python scripts/check_disk.py $(dir $(WT103_WORK)) $(WT103_NEED_GB)
+# the run itself, without the preflight (make wikitext103 runs both); the report records both downloads
+wikitext103-run: $(WT103_BIN)/.done $(WT103_CKPT)
 	$(BIN)/python scripts/reproduce.py --title "kNN-LM on WikiText-103 (the paper's Table 1)" \
 		--data-bin $(WT103_BIN) --checkpoint $(WT103_CKPT) --out $(WT103_OUT) --work $(WT103_WORK) \
-		--device=$(WT103_DEVICE) $(if $(WT103_PAPER),--paper $(WT103_PAPER)) $(WT103_ARGS)
+		--device=$(WT103_DEVICE) $(if $(WT103_PAPER),--paper $(WT103_PAPER)) \
+		$(foreach f,$(wildcard $(WT103_DATA)/download.json $(WT103_CKPT_DIR)/download.json),--download $(f)) \
+		$(WT103_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_DSTORE)

@@ -35,6 +35,11 @@ def render(m, splits):
                   _table(["split", "number", "paper", "ours", "diff", ""],
                          [[r["split"], r["key"], r["paper"], f"{r['ours']:.2f}", f"{r['diff']:+.2f}",
                            "PASS" if r["pass"] else "FAIL"] for r in p["rows"]]), ""]
+    if m.get("downloads"):
+        lines += ["## Sources", "", _table(["file", "from", "bytes", "sha256", "checksum"], [
+            [f"`{d['file']}`", d["url"], f"{d['bytes']:,}", f"`{d['sha256']}`",
+             ", ".join(f"{k} verified ({v})" for k, v in d["verified"].items()) or "recorded, not pinned"]
+            for d in m["downloads"]]), ""]
     lines += ["## Plots", ""] + [f"![{f}]({f})" for f in m["plots"]] + [""]
     lines += ["## Speed and memory", "",
               f"Base LM {sp['base_tok_s']:,} tokens/s; kNN-LM {sp['knnlm_approx_tok_s']:,} tokens/s with approximate "
