@@ -2,16 +2,16 @@ from setuptools import find_packages, setup
 
 setup(
     name="knnlm_fairseq",
-    version="0.1.0",
+    version="0.2.0",
     description="kNN-LM (Khandelwal et al., ICLR 2020) as a fairseq --user-dir plugin",
     packages=find_packages(include=["knnlm_fairseq", "knnlm_fairseq.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
-        "ve-fairseq==0.12.3",
-        "numpy>=1.24",
-        "hydra-core>=1.0.7",
-        "omegaconf",
+        "torch>=2.6",  # safe (weights_only) loading with an allow-list; tested on 2.13
+        "ve-fairseq==0.12.3",  # fairseq 0.12.2 cannot import on Python >= 3.11
+        "numpy>=2.0",  # checkpoints.py maps numpy 1.x pickles onto numpy 2's numpy._core
+        "hydra-core>=1.3,<1.4",  # what ve-fairseq 0.12.3 installs and we test
+        "omegaconf>=2.3,<2.4",
         "sacremoses",
         "matplotlib",
         "tqdm",

@@ -14,11 +14,17 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(WT2_CKPT), reason="../shared/models/wt2-small is not present")]
 
 
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")))
+
+
 def readme_block(name: str) -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    m = re.search(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", text, re.S)
-    assert m, f"README has no block marked readme-test: {name}"
-    return m.group(1)
+    """The bash block marked `<!-- readme-test: NAME -->` in the README or a page of docs/ (exactly one)."""
+    found = []
+    for doc in DOCS:
+        text = open(os.path.join(ROOT, doc)).read()
+        found += re.findall(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", text, re.S)
+    assert len(found) == 1, f"{len(found)} blocks marked readme-test: {name} in {DOCS}"
+    return found[0]
 
 
 def run_block(name: str, **env) -> str:
