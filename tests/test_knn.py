@@ -222,3 +222,25 @@ def test_interpolate_full_equals_dense(lm_and_knn, neighbours, lmbda):
     np.testing.assert_allclose(got.double().exp().sum(-1)[found].numpy(), 1.0, atol=1e-5)
     if lmbda == 0.0:
         assert torch.equal(got, lm)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_mix_rows_in_place_equals_interpolate_full(lm_and_knn, neighbours, per_row):
+    """The hot path's in-place mix on a non-contiguous set of rows, in small chunks: each mixed row equals
+    interpolate_full; every other row is left bit for bit."""
+    lm, _ = lm_and_knn
+    dists, vals = neighbours
+    rows = torch.tensor([r for r in range(N) if np.isfinite(dists[r]).any() and r % 7 != 3])  # gaps, runs
+    lmbda = torch.from_numpy(np.random.default_rng(2).uniform(0, 1, len(rows))).float() if per_row else 0.3
+    lmbda = torch.where(torch.arange(len(rows)) % 5 == 0, 0.0, lmbda) if per_row else lmbda  # some λ=0 rows
+    out = lm.clone()
+    knn.mix_rows(out, rows, _t(dists)[rows], _t(vals)[rows], lmbda, temp=2.0, chunk=5)
+    for i, r in enumerate(rows.tolist()):
+        lam = float(lmbda[i]) if per_row else lmbda
+        want = knn.interpolate_full(lm[r : r + 1].clone(), _t(dists)[r : r + 1], _t(vals)[r : r + 1], lam, 2.0)
+        np.testing.assert_allclose(out[r].numpy(), want[0].numpy(), rtol=1e-5, atol=1e-5)
+        if lam == 0.0:
+            assert torch.equal(out[r], lm[r])
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[rows] = False
+    assert torch.equal(out[rest], lm[rest])

@@ -8,7 +8,9 @@ from clis import run_cli
 from knnlm_fairseq.core import retrieval_log as rl, sweep as sw
 
 
-N, K, V = 300, 16, 40
+N, K, V, DIM = 300, 16, 40, 4
+META = {"split": "valid", "nprobe": 8, "index_file": "index.faiss",
+        "dstore": {"path": "/d", "fingerprint": "f" * 64, "count": 10**6}, "checkpoint": {"path": "/c", "sha256": "c" * 64}}
 
 
 def write_log(path, seed=0, missing_rows=()):
@@ -22,11 +24,12 @@ def write_log(path, seed=0, missing_rows=()):
     exact = d + rng.normal(0, 0.5, (N, K))
     for r in missing_rows:
         d[r], exact[r] = np.inf, np.inf
-    w = rl.RetrievalLogWriter(str(path), K, {"split": "valid"})
+    w = rl.RetrievalLogWriter(str(path), K, META, dim=DIM)
     for s in range(0, N, 77):  # several appends
         sl = slice(s, s + 77)
         ids = np.where(np.isfinite(d[sl]), rng.integers(0, 10**6, d[sl].shape), -1)  # rows are not read by the sweep
-        w.add(target=target[sl], lm_lp=lm_lp[sl], ids=ids, vals=vals[sl], dist_approx=d[sl], dist_exact=exact[sl])
+        w.add(target=target[sl], lm_lp=lm_lp[sl], ids=ids, vals=vals[sl], dist_approx=d[sl], dist_exact=exact[sl],
+              query=rng.normal(size=(len(ids), DIM)), lm_entropy=-lm_lp[sl], lm_max_lp=lm_lp[sl] / 2)
     w.close()
     return target, lm_lp, vals, {"approx": d, "exact": exact}
 
@@ -88,9 +91,9 @@ def test_bad_grids_refused(log, bad):
 
 
 def test_unfinished_log_refused(tmp_path):
-    w = rl.RetrievalLogWriter(str(tmp_path / "x"), K, {})
+    w = rl.RetrievalLogWriter(str(tmp_path / "x"), K, {}, dim=DIM)
     w.add(target=np.zeros(2), lm_lp=np.zeros(2), ids=np.zeros((2, K)), vals=np.zeros((2, K)), dist_approx=np.zeros((2, K)),
-          dist_exact=np.zeros((2, K)))
+          dist_exact=np.zeros((2, K)), query=np.zeros((2, DIM)), lm_entropy=np.zeros(2), lm_max_lp=np.zeros(2))
     with pytest.raises(ValueError, match="not a finished retrieval log"):
         rl.RetrievalLog(str(tmp_path / "x"))
 
@@ -107,3 +110,26 @@ def test_cli_tunes_on_first_log_and_applies_to_second(tmp_path):
         oracle_ppl(target, lm_lp, vals, dists["exact"], tuned["k"], tuned["temp"], tuned["lmbda"]), rel=1e-5)
     bad = run_cli("knnlm-sweep", tmp_path / "nope", check=False)
     assert bad.returncode == 2 and "not a finished retrieval log" in bad.stderr
+
+
+def test_cli_writes_settings_that_eval_lm_accepts(tmp_path):
+    """--gates tunes a per-token λ on valid; --write-settings picks the cheapest point within the budget and
+    writes a file naming the datastore and checkpoint of the log, with flags the task's settings reader takes."""
+    from knnlm_fairseq.core.settings import read_settings
+
+    write_log(tmp_path / "valid", seed=1)
+    write_log(tmp_path / "test", seed=2)
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
+    run_cli("knnlm-sweep", tmp_path / "valid", tmp_path / "test", "--lmbdas", "0,0.25,0.5", "--ks", "4,16",
+            "--temps", "1,10", "--gates", "entropy,max_lp", "--buckets", "4", "--output", out,
+            "--write-settings", tuned, "--max-ppl-increase", "2")
+    res = json.loads(out.read_text())
+    chosen = res["chosen"]
+    assert chosen["ppl"] <= chosen["budget"] == pytest.approx(chosen["reference"]["ppl"] * 1.02)
+    assert len(res["adaptive"]["rows"]) == 2 * 2 * 2  # kinds x ks x gates
+    for row in res["adaptive"]["rows"]:  # every frontier point was applied to the test log too
+        assert all(len(p["applied"]) == 1 for p in row["frontier"])
+    s = read_settings(str(tuned))
+    assert s["tuned_for"]["dstore_fingerprint"] == "f" * 64 and s["tuned_for"]["checkpoint_sha256"] == "c" * 64
+    assert s["knnlm"]["k"] == chosen["k"] and s["knnlm"]["knn_dist"] == chosen["kind"]
+    assert s["knnlm"]["probe"] == 8 and s["searched"] == chosen["searched"]

@@ -37,6 +37,15 @@ def get_parser() -> argparse.ArgumentParser:
                    help="comma-separated cache weight grid in [0, 1)")
     p.add_argument("--cache-kind", default="exact", help="kNN distances combined with the cache: approx or exact")
     p.add_argument("--output", help="write the grids and the tuned settings as JSON here")
+    p.add_argument("--gates", default="",
+                   help="adaptive retrieval: comma-separated LM-confidence signals (entropy, max_lp) to tune a "
+                        "per-token λ on, by buckets of the signal; buckets whose λ is 0 skip the search")
+    p.add_argument("--buckets", type=int, default=10, help="buckets of each gate signal (quantiles of the tune log)")
+    p.add_argument("--write-settings", metavar="FILE",
+                   help="write the cheapest tuned settings within --max-ppl-increase for fairseq-eval-lm --knn-settings")
+    p.add_argument("--max-ppl-increase", type=float, default=0.5,
+                   help="with --write-settings: the largest perplexity increase on the tune log, in percent of the "
+                        "best paper-faithful setting (exact distances, the log's k), that buys fewer searches")
     return p
 
 
@@ -109,6 +118,23 @@ def main(argv=None) -> int:
     out["tuned"] = tuned
     if cache is not None:
         out["cache"] = cache
+    if args.gates or args.write_settings:
+        from ..core.adaptive import adaptive_sweep, choose
+        from ..core.settings import settings_file
+
+        try:
+            out["adaptive"] = adaptive_sweep(logs, results[0], kinds, [g for g in args.gates.split(",") if g],
+                                             args.buckets, args.lmbdas)
+        except (KnnlmError, ValueError) as e:
+            print(f"knnlm-sweep: error: {e}", file=sys.stderr)
+            return 2
+        if args.write_settings:
+            chosen = choose(out["adaptive"], results[0], args.max_ppl_increase)
+            out["chosen"] = chosen
+            with open(args.write_settings, "w") as f:
+                json.dump(settings_file(logs[0], chosen), f, indent=1)
+                f.write("\n")
+            print(f"wrote {args.write_settings}: {chosen['summary']}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)

@@ -45,7 +45,8 @@ class KnnSearch(Component):
 
     def close(self) -> Dict:
         stats = self.timer.stats()
-        return dict(stats, searched=self.searched, queries_per_s=round(self.searched / max(stats["seconds"], 1e-9)))
+        return dict(stats, searched=self.searched, queries_per_s=round(self.searched / max(stats["seconds"], 1e-9)),
+                    **{f"{name}_seconds": round(t, 3) for name, t in self.retriever.seconds.items()})
 
 
 class KnnMixer(Component):

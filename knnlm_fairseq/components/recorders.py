@@ -1,24 +1,27 @@
 """Recording what the hot path saw, per scored token, for offline sweeps (--save-retrieval, --save-cache)."""
 from typing import Dict, Sequence
 
-from ..core import cache
+from ..core import cache, signals
 from ..core.retrieval_log import RetrievalLogWriter
 from .base import Component, Step
 
 
 class RetrievalRecorder(Component):
-    """Each scored token's target, the LM's log-prob of it and its neighbours (ids, values, both distances).
-    Place it after the search: it records step.neighbours as found."""
+    """Each scored token's target, the LM's log-prob of it, its query and the LM's confidence signals, and its
+    neighbours (ids, values, both distances). Place it after the search and before any mixer: it records
+    step.neighbours as found and step.lp as the LM's."""
 
-    def __init__(self, log: RetrievalLogWriter):
-        self.log = log
+    def __init__(self, log: RetrievalLogWriter, key_type: str):
+        self.log, self.key_types = log, (key_type,)
 
     def on_scores(self, step: Step) -> None:
         nb = step.neighbours
         assert nb is not None and nb.exact is not None, "RetrievalRecorder needs a search with both distances"
         self.log.add(target=step.target.cpu().numpy(), lm_lp=step.lm_target_lp.cpu().numpy(),
                      ids=nb.ids.numpy(), vals=nb.values.numpy(), dist_approx=nb.approx.numpy(),
-                     dist_exact=nb.exact.numpy())
+                     dist_exact=nb.exact.numpy(), query=step.keys(self.key_types[0]).cpu().numpy(),
+                     lm_entropy=signals.entropy(step.lp, step.rows).cpu().numpy(),
+                     lm_max_lp=signals.max_log_prob(step.lp, step.rows).cpu().numpy())
 
     def close(self) -> Dict:
         meta = self.log.close()

@@ -103,13 +103,51 @@ def interpolate_full(lm_lp: torch.Tensor, dists: torch.Tensor, vals: torch.Tenso
     return out.scatter_(1, vals, interpolate(lm_lp.gather(1, vals), nb, lmbda))
 
 
+def _runs(rows: torch.Tensor):
+    """Maximal runs of consecutive values in increasing rows: [(i, j, first row)], rows[i:j] = first + 0..j-i-1."""
+    if rows.numel() == 0:
+        return []
+    breaks = (torch.diff(rows) != 1).nonzero().squeeze(1) + 1  # (R-1,) where a new run starts
+    starts = [0] + breaks.tolist()
+    ends = starts[1:] + [rows.numel()]
+    firsts = rows[starts].tolist()
+    return list(zip(starts, ends, firsts))
+
+
+_SCRATCH: dict = {}  # (V, device) -> a zeroed (256, V) float32 buffer, kept zero between calls
+
+
+def _scratch(rows: int, vocab: int, device) -> torch.Tensor:
+    buf = _SCRATCH.get((vocab, str(device)))
+    if buf is None or buf.size(0) < rows:
+        buf = _SCRATCH[(vocab, str(device))] = torch.zeros(max(rows, 256), vocab, device=device)
+    return buf[:rows]
+
+
 def mix_rows(lp: torch.Tensor, rows: torch.Tensor, dists: torch.Tensor, vals: torch.Tensor, lmbda: Lambda,
              temp: float, chunk: int = 256) -> None:
-    """In place: lp[rows] = interpolate_full(lp[rows], ...), `chunk` rows at a time so memory stays at
-    chunk x V floats, never (N, V) copies. lp (n, V); rows (N,); dists, vals (N, k); λ float or (N,)."""
+    """In place: lp[rows] becomes log(λ·p_kNN + (1-λ)·p), p = exp(lp[rows]); λ a float or per row (N,).
+
+    lp (n, V); rows (N,) increasing, each with at least one finite distance; dists, vals (N, k). Off the
+    retrieved words this is log(1-λ) + lp, added in place over runs of consecutive rows (one pass over memory,
+    no (N, V) copies); at the k retrieved words, p_kNN sums the weights of equal words (scatter-add into a
+    scratch row that is zeroed again by scattering zeros: O(k) per row, not O(V)). Equals interpolate_full on
+    each row up to float32 rounding.
+    """
     per_row = torch.is_tensor(lmbda)
     for s in range(0, rows.numel(), chunk):
-        r = rows[s : s + chunk]
+        r, v = rows[s : s + chunk], vals[s : s + chunk]  # (c,), (c, k)
         lam = lmbda[s : s + chunk] if per_row else lmbda
-        mixed = interpolate_full(lp[r].float(), dists[s : s + chunk], vals[s : s + chunk], lam, temp)
-        lp[r] = mixed.to(lp.dtype)
+        log_1m, log_l = _log_weights(lam, dists)  # floats, or (c, 1) each
+        at = torch.empty(v.shape, dtype=torch.float32, device=lp.device)  # (c, k) the LM at the neighbours' words
+        for i, j, first in _runs(r):
+            at[i:j] = lp[first : first + j - i].gather(1, v[i:j]).float()
+        buf = _scratch(r.numel(), lp.size(1), lp.device)  # (c, V) zeros
+        buf.scatter_add_(1, v, knn_scores(dists[s : s + chunk], temp).exp())  # p_kNN of each retrieved word
+        p_knn = buf.gather(1, v)  # (c, k) the word's total, repeated for each of its neighbours
+        buf.scatter_(1, v, 0.0)
+        mixed = torch.logaddexp(at + log_1m, p_knn.log() + log_l).to(lp.dtype)  # (c, k)
+        for i, j, first in _runs(r):
+            block = lp[first : first + j - i]
+            block.add_(log_1m if not per_row else log_1m[i:j].to(lp.dtype))
+            block.scatter_(1, v[i:j], mixed[i:j])  # equal words of a row carry equal values

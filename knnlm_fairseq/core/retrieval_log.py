@@ -7,7 +7,11 @@ Layout of a retrieval log directory (rows in eval-lm's scoring order):
     vals.npy         (n, k) int32     the neighbours' next tokens (0 where there is no neighbour)
     dist_approx.npy  (n, k) float32   faiss's distances (smaller is closer; inner products negated)
     dist_exact.npy   (n, k) float32   distances recomputed from the stored keys
-    meta.json        k, metric, split, datastore fingerprint, count; written last (the commit point)
+    query.npy        (n, dim) float16 the query (the key of the evaluated position): pointer reuse and other
+                                      indexes are simulated from it without an LM pass
+    lm_entropy.npy   (n,) float32     entropy of the LM's distribution (nats): a signal for adaptive retrieval
+    lm_max_lp.npy    (n,) float32     the LM's largest log-prob: another such signal
+    meta.json        k, dim, metric, split, datastore fingerprint, count; written last (the commit point)
 """
 import os
 from typing import Dict
@@ -18,38 +22,41 @@ from .durable import StreamingNpy, read_json, write_json_atomic
 from .errors import KnnlmError
 
 META = "meta.json"
-ARRAYS = {  # name -> (dtype, has a k axis)
-    "target": (np.int32, False),
-    "lm_lp": (np.float32, False),
-    "ids": (np.int64, True),
-    "vals": (np.int32, True),
-    "dist_approx": (np.float32, True),
-    "dist_exact": (np.float32, True),
+ARRAYS = {  # name -> (dtype, row axis: None, "k" or "dim")
+    "target": (np.int32, None),
+    "lm_lp": (np.float32, None),
+    "ids": (np.int64, "k"),
+    "vals": (np.int32, "k"),
+    "dist_approx": (np.float32, "k"),
+    "dist_exact": (np.float32, "k"),
+    "query": (np.float16, "dim"),
+    "lm_entropy": (np.float32, None),
+    "lm_max_lp": (np.float32, None),
 }
 
 
 # a continuous-cache log (--save-cache), from a base-LM pass; knnlm-sweep aligns it with a retrieval log
-CACHE_ARRAYS = {  # name -> (dtype, has a θ axis)
-    "target": (np.int32, False),
-    "lm_lp": (np.float32, False),
-    "cache_lp": (np.float32, True),  # log p_cache(target) for each θ of meta["thetas"]; -inf if not cached
-    "found": (np.bool_, False),  # any cached position at all (a split's first token has none)
+CACHE_ARRAYS = {  # name -> (dtype, row axis; "k" is the θ axis here)
+    "target": (np.int32, None),
+    "lm_lp": (np.float32, None),
+    "cache_lp": (np.float32, "k"),  # log p_cache(target) for each θ of meta["thetas"]; -inf if not cached
+    "found": (np.bool_, None),  # any cached position at all (a split's first token has none)
 }
 
 
 class RetrievalLogWriter:
-    def __init__(self, path: str, k: int, meta: Dict, arrays: Dict = ARRAYS, flag: str = "--save-retrieval"):
+    def __init__(self, path: str, k: int, meta: Dict, arrays: Dict = ARRAYS, flag: str = "--save-retrieval",
+                 dim: int = 0):
         if os.path.exists(os.path.join(path, META)):
             raise KnnlmError(f"{path} already holds a log; pass a new {flag} directory")
         os.makedirs(path, exist_ok=True)
-        self.path, self.k, self.meta = path, k, dict(meta)
-        self.files = {
-            name: StreamingNpy(os.path.join(path, f"{name}.npy"), dtype, (k,) if has_k else ())
-            for name, (dtype, has_k) in arrays.items()
-        }
+        self.path, self.k, self.dim, self.meta = path, k, dim, dict(meta)
+        sizes = {None: (), "k": (k,), "dim": (dim,)}
+        self.files = {name: StreamingNpy(os.path.join(path, f"{name}.npy"), dtype, sizes[axis])
+                      for name, (dtype, axis) in arrays.items()}
 
     def add(self, **arrays: np.ndarray) -> None:
-        """target, lm_lp: (n,); ids, vals, dist_approx, dist_exact: (n, k). Missing neighbours: id -1, dist inf."""
+        """One array per name of the log's layout, each with n rows. Missing neighbours: id -1, dist inf."""
         for name, f in self.files.items():
             f.append(arrays[name])
 
@@ -58,7 +65,7 @@ class RetrievalLogWriter:
         assert len(counts) == 1, f"retrieval log arrays disagree in length: {counts}"
         for f in self.files.values():
             f.close()
-        meta = dict(self.meta, k=self.k, count=counts.pop())
+        meta = dict(self.meta, k=self.k, dim=self.dim, count=counts.pop())
         write_json_atomic(os.path.join(self.path, META), meta)
         return meta
 
@@ -74,12 +81,13 @@ class RetrievalLog:
             raise KnnlmError(f"{path} has no {META}: not a finished {what} log; run fairseq-eval-lm {how} {path}")
         self.meta = read_json(mpath, "write the log again")
         self.path = path
-        for name, (dtype, has_k) in arrays.items():
+        sizes = {None: (), "k": (self.meta["k"],), "dim": (self.meta.get("dim", 0),)}
+        for name, (dtype, axis) in arrays.items():
             fpath = os.path.join(path, f"{name}.npy")
             if not os.path.exists(fpath):
                 raise KnnlmError(f"{path} has no {name}.npy (a log from an older version, or damaged); write it again")
             arr = np.load(fpath, mmap_mode="r")
-            shape = (self.meta["count"], self.meta["k"]) if has_k else (self.meta["count"],)
+            shape = (self.meta["count"],) + sizes[axis]
             if arr.shape != shape or arr.dtype != dtype:
                 raise KnnlmError(f"{path}/{name}.npy holds {arr.dtype}{list(arr.shape)}, expected "
                                  f"{np.dtype(dtype)}{list(shape)}; the log is damaged, write it again")

@@ -3,6 +3,7 @@
 Distances are "smaller is closer" everywhere: squared L2, or the negated inner product.
 """
 import os
+import time
 import warnings
 from dataclasses import dataclass, fields
 from typing import Dict, Optional, Tuple
@@ -98,12 +99,16 @@ class Retriever:
             self.vals = torch.from_numpy(np.concatenate([np.asarray(v) for v in dstore.val_parts])).long()  # (n,)
         self.offsets = torch.from_numpy(dstore.offsets)  # (P + 1,) first row of each shard
         self.chunk_floats = chunk_floats  # floats per exact-distance chunk: 16 MB stays in cache
+        self.seconds = {"faiss": 0.0, "exact": 0.0}  # where search time goes, for --knn-stats
 
     def search(self, queries: torch.Tensor, exact: Optional[bool] = None) -> Neighbours:
         """queries (N, dim) -> their Neighbours, on the CPU. exact: also recompute distances from the stored
         keys (default: this retriever's setting; a retrieval log asks for both kinds)."""
         q = queries.detach().float().cpu().contiguous()  # (N, dim)
+        t0 = time.perf_counter()
         D, I = self.index.search(q.numpy(), self.k)  # one faiss call for the whole batch
+        t1 = time.perf_counter()
+        self.seconds["faiss"] += t1 - t0
         ids = torch.from_numpy(I)  # (N, k)
         missing = ids < 0
         vals = self.vals.index_select(0, ids.clamp_min(0).view(-1)).view(ids.shape).masked_fill_(missing, 0)
@@ -114,6 +119,7 @@ class Retriever:
         nb = Neighbours(ids=ids, values=vals, approx=approx)
         if self.exact if exact is None else exact:
             nb.exact = self.exact_dists(q, ids.clamp_min(0)).masked_fill_(missing, float("inf"))
+            self.seconds["exact"] += time.perf_counter() - t1
         return nb
 
     def gather_keys(self, ids: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,13 @@ class Retriever:
 
 
 def open_retriever(dstore_dir: str, index_file: str, k: int, nprobe: int, exact: bool,
-                   metric: Optional[str] = None) -> Retriever:
-    dstore = Datastore.open(dstore_dir)
+                   metric: Optional[str] = None, in_memory: bool = False, gpu: bool = False,
+                   threads: int = 0) -> Retriever:
+    """The retriever of --knnlm. in_memory: keys read into RAM (no page faults on exact distances); gpu: search
+    a GPU copy of the index (faiss-gpu); threads: faiss OpenMP threads (0: leave faiss's default)."""
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    dstore = Datastore.open(dstore_dir, in_memory=in_memory)
     index_path = index_file if os.path.isabs(index_file) else os.path.join(dstore_dir, index_file)
     index, meta = load_index(index_path, dstore)
     if metric is not None and metric != meta["metric"]:
@@ -155,4 +166,21 @@ def open_retriever(dstore_dir: str, index_file: str, k: int, nprobe: int, exact:
             f"pass --knn-sim {meta['metric']} or rebuild with --metric {metric}"
         )
     set_nprobe(index, nprobe)
+    if gpu:
+        index = to_gpu(index, nprobe)
     return Retriever(dstore, index, meta["metric"], k, exact)
+
+
+def to_gpu(index: faiss.Index, nprobe: int) -> faiss.Index:
+    """A copy of the index on GPU 0 (fp16 lookup tables, as the paper's code); refuses without faiss-gpu."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        raise KnnlmError("--knn-gpu needs faiss-gpu and a visible GPU; install with `make install FAISS=faiss-gpu` "
+                         "or drop --knn-gpu")
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = True
+    res = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(res, 0, index, co)
+    gpu.resources = res  # the index does not own its resources: keep them alive as long as it lives
+    if "IVF" in type(gpu).__name__:
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
+    return gpu

@@ -18,9 +18,11 @@ from omegaconf import II
 from ..components.base import Component, Pipeline
 from ..components.cache import CacheMixer
 from ..components.dump import DumpWriter
+from ..components.gates import SignalGate
 from ..components.knn import KnnMixer, KnnSearch
 from ..components.recorders import CacheRecorder, RetrievalRecorder
 from ..core.datastore import dictionary_sha256
+from ..core.durable import write_json_atomic
 from ..core.errors import KnnlmError
 from ..core.keys import KEY_TYPES, key_dim
 from ..core.retrieval_log import CACHE_ARRAYS, RetrievalLogWriter
@@ -31,8 +33,13 @@ from ..models.knnlm import KnnLM
 from ..plugin.checkpoints import checkpoint_identity
 from ..plugin.config_checks import check_config
 from ..plugin.iterators import BatchRange, SkipWritten, ThenFinish
+from ..core.settings import apply_settings, check_settings_target
 
 logger = logging.getLogger(__name__)
+
+
+def floats(text: str) -> List[float]:
+    return [float(x) for x in str(text).split(",") if x.strip()]
 
 
 @dataclass
@@ -93,6 +100,27 @@ class KnnEvalConfig(LanguageModelingConfig):
                           "for each θ of --cache-thetas to this directory, for knnlm-sweep --cache-logs"},
     )
     cache_thetas: str = field(default="0.01,0.03,0.1,0.3,1", metadata={"help": "θ grid of --save-cache"})
+    # speed: settings tuned offline (knnlm-sweep --write-settings), adaptive retrieval, threads, statistics
+    knn_settings: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON written by knnlm-sweep --write-settings: k, λ, T, distances, probes and the gate "
+                          "tuned on valid for this datastore and checkpoint; a flag that contradicts it is refused"},
+    )
+    knn_gate_signal: Optional[ChoiceEnum(["entropy", "max_lp"])] = field(
+        default=None,
+        metadata={"help": "adaptive retrieval: per-token λ from this signal of the LM's confidence, bucketed at "
+                          "--knn-gate-edges; tokens whose bucket λ is 0 skip the search"},
+    )
+    knn_gate_edges: str = field(default="", metadata={"help": "comma-separated increasing bucket edges of the signal"})
+    knn_gate_lmbdas: str = field(default="", metadata={"help": "comma-separated λ per bucket (one more than edges)"})
+    knn_threads: int = field(default=0, metadata={"help": "faiss search threads (0: faiss's default, all cores)"})
+    knn_gpu: bool = field(default=False, metadata={"help": "search a copy of the index on the GPU (faiss-gpu)"})
+    dstore_in_memory: bool = field(
+        default=False, metadata={"help": "read the keys into RAM instead of memory-mapping them (exact distances)"}
+    )
+    knn_stats: Optional[str] = field(
+        default=None, metadata={"help": "write where the evaluation's time went (LM, search, mixing) to this JSON file"}
+    )
     # owned by other groups: where the model came from (datastore provenance and checks)
     checkpoint_path: Optional[str] = II("common_eval.path")
 
@@ -102,6 +130,7 @@ class KnnEvalConfig(LanguageModelingConfig):
 class KnnEvalTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
+        self.settings = apply_settings(args, KnnEvalConfig, args.knn_settings) if args.knn_settings else None
         check_config(args)
         self.knn_models: List[KnnLM] = []
         self.retriever = None
@@ -129,11 +158,15 @@ class KnnEvalTask(LanguageModelingTask):
         key_dim(model.decoder, str(a.knn_keytype))  # an unknown key type or a too shallow model fails here
         if a.knnlm and self.retriever is None:  # opened (and checked) before any data is read
             self.retriever = open_retriever(a.dstore_dir, a.index_file, a.k, a.probe, exact=a.knn_dist == "exact",
-                                            metric=None if a.knn_sim is None else str(a.knn_sim))
+                                            metric=None if a.knn_sim is None else str(a.knn_sim),
+                                            in_memory=a.dstore_in_memory, gpu=a.knn_gpu, threads=a.knn_threads)
             self.retriever.dstore.check_compatible(
                 checkpoint_sha256=self._checkpoint()["sha256"],
                 dictionary_sha256=dictionary_sha256(self.dictionary.symbols),
                 key_type=str(a.knn_keytype), dim=key_dim(model.decoder, str(a.knn_keytype)))
+            if self.settings is not None:
+                check_settings_target(self.settings, a.knn_settings, self.retriever.dstore.fingerprint,
+                                      self._checkpoint()["sha256"])
             logger.info(f"kNN-LM: {self.retriever.dstore.count:,} entries, k={a.k}, lmbda={a.lmbda}, T={a.knn_temp}, "
                         f"nprobe={a.probe}, {self.retriever.metric}, {a.knn_dist} distances")
         wrapped = KnnLM(model, Pipeline(model.decoder, [], self.dictionary.pad()))
@@ -171,14 +204,16 @@ class KnnEvalTask(LanguageModelingTask):
             self._writer = self._dump_writer(split, context_window, shard_id)
             out.append(DumpWriter(self._writer, key_type))
         if a.knnlm:
+            if a.knn_gate_signal:
+                out.append(SignalGate(str(a.knn_gate_signal), floats(a.knn_gate_edges), floats(a.knn_gate_lmbdas)))
             out.append(KnnSearch(self.retriever, key_type, both_distances=bool(a.save_retrieval)))
             if a.save_retrieval:
-                out.append(RetrievalRecorder(self._retrieval_log(split)))
+                out.append(RetrievalRecorder(self._retrieval_log(split), key_type))
             out.append(KnnMixer(a.lmbda, a.knn_temp, str(a.knn_dist)))
         if a.cache_size:
             out.append(CacheMixer(str(a.cache_keytype), a.cache_size, a.cache_theta, a.cache_lmbda))
             if a.save_cache:
-                thetas = [float(x) for x in str(a.cache_thetas).split(",")]
+                thetas = floats(a.cache_thetas)
                 out.append(CacheRecorder(self._cache_log(split, context_window, thetas), thetas))
         return out
 
@@ -213,7 +248,7 @@ class KnnEvalTask(LanguageModelingTask):
             "dstore": {"path": os.path.abspath(r.dstore.path), "count": r.dstore.count,
                        "fingerprint": r.dstore.fingerprint},
             "index_file": self.args.index_file, "checkpoint": self._checkpoint(),
-        })
+        }, dim=r.dstore.dim)
 
     def _cache_log(self, split: Optional[str], context_window: int, thetas) -> RetrievalLogWriter:
         a = self.args
@@ -235,3 +270,6 @@ class KnnEvalTask(LanguageModelingTask):
             if search and search["searched"]:
                 logger.info(f"kNN retrieval: {search['searched']:,} queries in {search['seconds']:.1f}s "
                             f"({search['queries_per_s']:,} queries/s)")
+            if self.args.knn_stats:
+                write_json_atomic(self.args.knn_stats, {"seconds": {k: round(v, 3) for k, v in model.seconds.items()},
+                                                        "components": stats})
