@@ -142,3 +142,22 @@ def test_per_row_lambda(setup):
     third = np.arange(B * T) % 3 == 0
     torch.testing.assert_close(out[s & third], lm[s & third], rtol=0, atol=0)
     np.testing.assert_allclose(out.numpy()[s & ~third], want[s & ~third], atol=2e-3)
+
+
+class Recorder(Component):
+    def __init__(self):
+        self.starts, self.rows = [], []
+
+    def on_scores(self, step):
+        self.starts.append(step.block_start.clone())
+        self.rows.append(step.rows + step.first)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5, B * T])
+def test_block_start_marks_each_blocks_first_scored_row(setup, chunks):
+    """The first scored row of each block (after its context window), whatever the chunking: where a chain of
+    reused neighbours must search again."""
+    rec = Recorder()
+    run(setup, [rec], chunks)
+    starts, rows = torch.cat(rec.starts), torch.cat(rec.rows)
+    np.testing.assert_array_equal(rows[starts].numpy(), [b * T + 2 for b in range(B)])

@@ -29,7 +29,8 @@ def write_log(path, seed=0, missing_rows=()):
         sl = slice(s, s + 77)
         ids = np.where(np.isfinite(d[sl]), rng.integers(0, 10**6, d[sl].shape), -1)  # rows are not read by the sweep
         w.add(target=target[sl], lm_lp=lm_lp[sl], ids=ids, vals=vals[sl], dist_approx=d[sl], dist_exact=exact[sl],
-              query=rng.normal(size=(len(ids), DIM)), lm_entropy=-lm_lp[sl], lm_max_lp=lm_lp[sl] / 2)
+              query=rng.normal(size=(len(ids), DIM)), lm_entropy=-lm_lp[sl], lm_max_lp=lm_lp[sl] / 2,
+              block_start=np.arange(s, s + len(ids)) % 50 == 0)
     w.close()
     return target, lm_lp, vals, {"approx": d, "exact": exact}
 
@@ -93,7 +94,8 @@ def test_bad_grids_refused(log, bad):
 def test_unfinished_log_refused(tmp_path):
     w = rl.RetrievalLogWriter(str(tmp_path / "x"), K, {}, dim=DIM)
     w.add(target=np.zeros(2), lm_lp=np.zeros(2), ids=np.zeros((2, K)), vals=np.zeros((2, K)), dist_approx=np.zeros((2, K)),
-          dist_exact=np.zeros((2, K)), query=np.zeros((2, DIM)), lm_entropy=np.zeros(2), lm_max_lp=np.zeros(2))
+          dist_exact=np.zeros((2, K)), query=np.zeros((2, DIM)), lm_entropy=np.zeros(2), lm_max_lp=np.zeros(2),
+          block_start=np.zeros(2, bool))
     with pytest.raises(ValueError, match="not a finished retrieval log"):
         rl.RetrievalLog(str(tmp_path / "x"))
 

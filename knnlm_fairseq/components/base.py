@@ -41,6 +41,7 @@ class Step:
     target: Optional[torch.Tensor]  # (N,) their targets; None when the scorer gave no sample
     lm_target_lp: Optional[torch.Tensor]  # (N,) the LM's own log-prob of each target, before any component
     search: torch.Tensor  # (N,) bool: rows that retrieve; gates clear rows
+    block_start: torch.Tensor  # (N,) bool: the row's previous position is not scored (a block's first scored row)
     lmbda: Optional[torch.Tensor] = None  # (N,) per-row kNN weight, when a component sets one
     neighbours: Optional[Neighbours] = None  # (N, k), set by the search; rows that did not search find nothing
     cache: Optional[tuple] = None  # continuous cache (sims, vals, ok), each (N, W), set by the cache component
@@ -97,10 +98,12 @@ class Pipeline:
         self.captures = {kt: KeyCapture(decoder, kt) for kt in sorted(key_types)}
         self.batch: Optional[Batch] = None
         self.cursor = 0
+        self.prev_scored = False  # whether the position before the next chunk's first one is scored
 
     def on_forward(self, tokens: torch.Tensor) -> None:
         self.batch = Batch(tokens=tokens, keys={kt: c.keys for kt, c in self.captures.items()}, pad=self.pad)
         self.cursor = 0
+        self.prev_scored = False
         for c in self.components:
             c.on_forward(self.batch)
 
@@ -115,13 +118,19 @@ class Pipeline:
         flat = lm_lp.reshape(n, -1)  # (n, V): fresh from the LM's softmax, ours to overwrite
         if target is not None:
             tgt = target.reshape(-1)  # (n,)
-            rows = tgt.ne(self.pad).nonzero().squeeze(1)  # (N,) context-window and padding positions are out
+            scored = tgt.ne(self.pad)  # (n,) context-window and padding positions are out
+            rows = scored.nonzero().squeeze(1)  # (N,)
             tgt = tgt[rows]
             lm_target_lp = flat[rows, tgt].float()  # (N,), before any component rewrites a row
         else:
+            scored = torch.ones(n, dtype=torch.bool, device=flat.device)
             rows, tgt, lm_target_lp = torch.arange(n, device=flat.device), None, None
+        prev = torch.cat([scored.new_tensor([self.prev_scored]), scored[:-1]])  # (n,) the position before is scored
+        width = self.batch.tokens.size(1)
+        block_start = (~prev | ((torch.arange(n, device=flat.device) + first) % width == 0))[rows]  # (N,)
+        self.prev_scored = bool(scored[-1])
         step = Step(batch=self.batch, first=first, lp=flat, rows=rows, target=tgt, lm_target_lp=lm_target_lp,
-                    search=torch.ones(rows.numel(), dtype=torch.bool, device=flat.device))
+                    search=torch.ones(rows.numel(), dtype=torch.bool, device=flat.device), block_start=block_start)
         if rows.numel():
             for c in self.components:
                 c.on_scores(step)

@@ -21,7 +21,8 @@ class RetrievalRecorder(Component):
                      ids=nb.ids.numpy(), vals=nb.values.numpy(), dist_approx=nb.approx.numpy(),
                      dist_exact=nb.exact.numpy(), query=step.keys(self.key_types[0]).cpu().numpy(),
                      lm_entropy=signals.entropy(step.lp, step.rows).cpu().numpy(),
-                     lm_max_lp=signals.max_log_prob(step.lp, step.rows).cpu().numpy())
+                     lm_max_lp=signals.max_log_prob(step.lp, step.rows).cpu().numpy(),
+                     block_start=step.block_start.cpu().numpy())
 
     def close(self) -> Dict:
         meta = self.log.close()

@@ -11,6 +11,8 @@ Layout of a retrieval log directory (rows in eval-lm's scoring order):
                                       indexes are simulated from it without an LM pass
     lm_entropy.npy   (n,) float32     entropy of the LM's distribution (nats): a signal for adaptive retrieval
     lm_max_lp.npy    (n,) float32     the LM's largest log-prob: another such signal
+    block_start.npy  (n,) bool        the row's previous token was not scored with it (a block's first row):
+                                      where a chain of pointer reuse must search again
     meta.json        k, dim, metric, split, datastore fingerprint, count; written last (the commit point)
 """
 import os
@@ -32,6 +34,7 @@ ARRAYS = {  # name -> (dtype, row axis: None, "k" or "dim")
     "query": (np.float16, "dim"),
     "lm_entropy": (np.float32, None),
     "lm_max_lp": (np.float32, None),
+    "block_start": (np.bool_, None),
 }
 
 

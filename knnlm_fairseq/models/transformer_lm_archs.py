@@ -8,6 +8,12 @@ from fairseq.models.transformer_lm import base_lm_architecture, transformer_lm_b
 from fairseq.utils import safe_getattr
 
 
+def _defaults(args, **values) -> None:
+    """Set each attribute not already given (on the command line or in a checkpoint's args)."""
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
 @register_model_architecture("transformer_lm", "knnlm_wiki103")
 def knnlm_wiki103(args):
     """Baevski & Auli (2019) adaptive-input LM used by the kNN-LM paper: exactly fairseq's
@@ -19,26 +25,17 @@ def knnlm_wiki103(args):
 @register_model_architecture("transformer_lm", "knnlm_wt2_small")
 def knnlm_wt2_small(args):
     """The CPU model of ../shared/models/wt2-small/RECIPE.md: the wiki103 design at 4 x 256."""
-    args.decoder_layers = safe_getattr(args, "decoder_layers", 4)
-    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
-    args.decoder_input_dim = safe_getattr(args, "decoder_input_dim", 256)
-    args.decoder_output_dim = safe_getattr(args, "decoder_output_dim", 256)
-    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 1024)
-    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
-    # WikiText-2's 33k vocabulary: 2k frequent words in the head, two smaller tail clusters
-    args.adaptive_input_cutoff = safe_getattr(args, "adaptive_input_cutoff", "2000,10000")
-    args.adaptive_softmax_cutoff = safe_getattr(args, "adaptive_softmax_cutoff", "2000,10000")
-    args.dropout = safe_getattr(args, "dropout", 0.2)  # 2M training tokens overfit at 0.1
+    _defaults(args, decoder_layers=4, decoder_embed_dim=256, decoder_input_dim=256, decoder_output_dim=256,
+              decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
+              # WikiText-2's 33k vocabulary: 2k frequent words in the head, two smaller tail clusters
+              adaptive_input_cutoff="2000,10000", adaptive_softmax_cutoff="2000,10000",
+              dropout=0.2)  # 2M training tokens overfit at 0.1
     transformer_lm_baevski_wiki103(args)
 
 
 @register_model_architecture("transformer_lm", "knnlm_tiny")
 def knnlm_tiny(args):
     """A seconds-to-train model for tests and smoke runs: 2 x 32, full softmax."""
-    args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
-    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 32)
-    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 64)
-    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 2)
-    args.decoder_normalize_before = safe_getattr(args, "decoder_normalize_before", True)
-    args.dropout = safe_getattr(args, "dropout", 0.0)
+    _defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=2,
+              decoder_normalize_before=True, dropout=0.0)
     base_lm_architecture(args)
