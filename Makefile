@@ -51,15 +51,25 @@ KEYTYPES_ARGS ?= --train-articles 0.05 --valid-tokens 15000 --factory IVF1024,PQ
 	--eval-tokens-per-sample 512 --eval-context-window 256 --max-tokens 8192 --device=--cpu
 KEYTYPES_EXTRA ?=  # e.g. --reuse: keep the subset and every key type already finished in KEYTYPES_WORK
 
-.PHONY: install test test-unit demo lint clean wikitext2 wikitext103 wikitext103-check wikitext103-data wikitext103-model \
+.PHONY: install browser test test-unit demo lint clean wikitext2 wikitext103 wikitext103-check wikitext103-data wikitext103-model \
 	wikitext103-run scaling domain keytypes cache wikitext2-extras
 
-install:
+install: browser
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install "$(FAISS)" -e ".[test,lint]"
 	$(BIN)/python -c "import fairseq, faiss, torch, knnlm_fairseq; print('fairseq', fairseq.__version__, 'torch', torch.__version__, 'faiss', faiss.__version__)"
+
+# Debian's chromium + chromedriver for the viewer's browser test (tests/test_inspect_html.py); a no-op when present.
+# No recommends (upower, udev, printers): a headless page needs only the browser, its driver and one font.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver fonts-dejavu-core > /dev/null; \
+	fi
+	@/usr/bin/chromium --version
 
 test:
 	$(BIN)/python -m pytest -q tests
