@@ -5,6 +5,7 @@ setup(
     version="0.2.0",
     description="kNN-LM (Khandelwal et al., ICLR 2020) as a fairseq --user-dir plugin",
     packages=find_packages(include=["knnlm_fairseq", "knnlm_fairseq.*"]),
+    package_data={"knnlm_fairseq.inspect": ["viewer.js", "viewer.css"]},  # inlined into the HTML by render()
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",  # safe (weights_only) loading with an allow-list; tested on 2.13
