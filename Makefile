@@ -69,7 +69,8 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 			--no-install-recommends chromium chromium-driver fonts-dejavu-core > /dev/null; \
 	fi
-	@/usr/bin/chromium --version
+	@/usr/bin/chromium --version 2> /dev/null  # its launcher script trips on some /dev/shm mounts, harmlessly
+	@/usr/bin/chromedriver --version
 
 test:
 	$(BIN)/python -m pytest -q tests
