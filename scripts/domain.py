@@ -55,7 +55,7 @@ def heldout_prefix(text_dir, split, max_tokens, dict_path):
     Writes TEXT/SPLIT.eval.tokens when cut; returns {path, paragraphs, tokens, oov, oov_rate, cut}.
     """
     sys.path.insert(0, ROOT)
-    from knnlm_fairseq.textprep import count_oov, load_dict_words
+    from knnlm_fairseq.core.textprep import count_oov, load_dict_words
 
     path = os.path.join(text_dir, f"{split}.tokens")
     with open(path, encoding="utf-8") as f:

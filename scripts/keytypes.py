@@ -22,7 +22,7 @@ from pipeline import BIN, KNN_TASK, add_run_settings, cli, eval_lm, eval_numbers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from knnlm_fairseq.keys import KEY_TYPES  # noqa: E402  (pure torch: no fairseq import)
+from knnlm_fairseq.core.keys import KEY_TYPES  # noqa: E402  (pure torch: no fairseq import)
 
 # a WikiText article starts with a top-level heading " = Title = "; sections are " = = Section = = "
 ARTICLE = re.compile(r"^ = [^=].* = $")

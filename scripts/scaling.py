@@ -166,7 +166,8 @@ def slice_datastore(src: str, dest: str, rows: np.ndarray, note: Dict, chunk: in
     Row i of a --save-dstore dump over train is train token i, so the rows of whole articles are exactly the
     entries a dump of those articles would hold, each key computed with its context in the full text.
     """
-    from knnlm_fairseq.datastore import Datastore, DatastoreWriter
+    from knnlm_fairseq.core.datastore import Datastore
+    from knnlm_fairseq.core.writer import DatastoreWriter
 
     ds = Datastore.open(src)
     meta = {k: v for k, v in ds.manifest.items() if k not in _COMPUTED}
@@ -184,7 +185,7 @@ def truncate_log(src: str, dest: str, n: int) -> None:
 
     With --context-window the blocks of a prefix are the blocks of the full split, so each token keeps its context.
     """
-    from knnlm_fairseq.retrieval_log import ARRAYS, META, RetrievalLog
+    from knnlm_fairseq.core.retrieval_log import ARRAYS, META, RetrievalLog
 
     log = RetrievalLog(src)
     assert n <= log.count, f"{src} holds {log.count} rows, fewer than {n}"
