@@ -20,6 +20,7 @@ from ..components.cache import CacheMixer
 from ..components.dump import DumpWriter
 from ..components.gates import SignalGate
 from ..components.knn import KnnMixer, KnnSearch
+from ..components.progress import Progress
 from ..components.recorders import CacheRecorder, RetrievalRecorder
 from ..core.datastore import dictionary_sha256
 from ..core.durable import write_json_atomic
@@ -199,7 +200,10 @@ class KnnEvalTask(LanguageModelingTask):
     def _components(self, dataset, context_window: int, shard_id: int) -> List[Component]:
         """The evaluation pipeline for this split, in the order the components run."""
         a, split = self.args, self._split_of(dataset)
-        key_type, out = str(a.knn_keytype), []
+        key_type = str(a.knn_keytype)
+        what = "dump" if a.save_dstore else "kNN-LM" if a.knnlm else "cache"
+        # tokens of the split (all shards): the rate and the time left, not an exact count of scored rows
+        out: List[Component] = [Progress(f"{what} {split}", int(dataset.sizes.sum()) // max(self.num_shards, 1))]
         if a.save_dstore:
             self._writer = self._dump_writer(split, context_window, shard_id)
             out.append(DumpWriter(self._writer, key_type))
