@@ -107,3 +107,22 @@ def test_cli_tunes_on_first_log_and_applies_to_second(tmp_path):
         oracle_ppl(target, lm_lp, vals, dists["exact"], tuned["k"], tuned["temp"], tuned["lmbda"]), rel=1e-5)
     bad = run_cli("knnlm-sweep", tmp_path / "nope", check=False)
     assert bad.returncode == 2 and "not a finished retrieval log" in bad.stderr
+
+
+def test_truncated_log_is_the_first_rows_committed_by_the_writer(tmp_path):
+    """The first n rows of a retrieval log (an evaluation of a prefix) as a log of its own, meta.json written last
+    by RetrievalLogWriter; its sweep is the oracle's on those rows."""
+    target, lm_lp, vals, dist = write_log(tmp_path / "log", missing_rows=(5,))
+    meta = rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "cut"), 120, chunk=50)
+    cut, full = rl.RetrievalLog(str(tmp_path / "cut")), rl.RetrievalLog(str(tmp_path / "log"))
+    assert cut.meta == meta and (cut.count, cut.k, meta["split"]) == (120, K, "valid")
+    assert meta["truncated_from"] == str(tmp_path / "log")
+    for name in rl.ARRAYS:
+        np.testing.assert_array_equal(getattr(cut, name), getattr(full, name)[:120])
+    res = sw.sweep(cut, [0.25], [8], [3.0], ["exact"])
+    want = oracle_ppl(target[:120], lm_lp[:120], vals[:120], dist["exact"][:120], 8, 3.0, 0.25)
+    assert sw.lookup(res, "exact", 8, 3.0, 0.25) == pytest.approx(want, rel=1e-4)
+    with pytest.raises(rl.KnnlmError, match="fewer than the 301 asked"):
+        rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "more"), N + 1)
+    with pytest.raises(rl.KnnlmError, match="already holds a log"):
+        rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "cut"), 10)
