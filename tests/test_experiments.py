@@ -169,3 +169,17 @@ def test_publish_renders_from_what_metrics_json_holds(tmp_path):
     assert seen == [{"rows": {"10": [1, 2], "25": [3, 4]}}]  # keys and tuples as JSON gives them back
     assert text == open(tmp_path / "report.md").read() == "2 rows of 10"
     assert R.render_to(str(tmp_path), render) == text
+
+
+def test_an_output_of_another_experiment_is_kept_whatever_made_it(work, tmp_path):
+    out, n = str(tmp_path / "manifest.json"), str(tmp_path / "n")
+    Stages(str(tmp_path / "other"), True, echo=lambda s: None).run("dump", writer(out, '{"split": "train"}', n))
+    made = json.load(open(record_path(out)))
+    mine = C.Command(writer(out, '{"split": "train"}', n).argv + ["--max-tokens", "9"], commit=out, outputs=[out],
+                     expect={"split": "train"})
+    s = Stages(work, True, echo=lambda s: None)
+    s.run("dump_wiki", mine, keep=True)  # another command made it: kept, its record untouched
+    assert runs(n) == 1 and s.done["dump_wiki"]["command"] == made["command"]
+    assert json.load(open(record_path(out))) == made
+    with pytest.raises(StageFailed, match="split 'train', not 'valid'"):
+        s.run("dump_wiki", C.Command(mine.argv, commit=out, outputs=[out], expect={"split": "valid"}), keep=True)

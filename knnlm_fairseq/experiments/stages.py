@@ -90,10 +90,19 @@ class Stages:
     def log_path(self, name: str) -> str:
         return os.path.join(self.logs, f"{name}.log")
 
-    def run(self, name: str, cmd: Command, reuse: Optional[bool] = None) -> str:
-        """Run cmd in a subprocess (or reuse what an earlier run of it made); returns the stage's log text."""
+    def run(self, name: str, cmd: Command, reuse: Optional[bool] = None, keep: bool = False) -> str:
+        """Run cmd in a subprocess (or reuse what an earlier run of it made); returns the stage's log text.
+
+        keep: an output that exists belongs to another experiment (make wikitext2's datastore): it is used whatever
+        command made it, once its commit file shows it is what cmd makes, and never made again or overwritten."""
         commit = cmd.commit or self.log_path(name)
         inputs = {p: input_digest(p) for p in cmd.inputs}
+        if keep and cmd.commit and os.path.exists(commit):
+            self._check_expected(name, cmd, commit)
+            rec = _read(record_path(commit)) or {"command": cmd.printable(), "seconds": None, "peak_rss_mb": None}
+            self.echo(f"(keeping {name}: {commit})")
+            self.done[name] = dict(rec, reused=True)
+            return _text(rec.get("log"))
         if self._reused(name, cmd, commit, inputs, reuse):
             return _text(self.done[name].get("log"))
         self._clear(cmd, commit, reuse)
@@ -144,17 +153,20 @@ class Stages:
         write_json_atomic(record_path(commit), rec)
         self.done[name] = dict(rec, reused=False)
 
+    def _check_expected(self, name: str, cmd: Command, commit: str) -> None:
+        made = _read(commit) or {}
+        wrong = [f"{k} {_field(made, k)!r}, not {v!r}" for k, v in cmd.expect.items() if _field(made, k) != v]
+        if wrong:
+            raise StageFailed(f"stage {name}: {commit} was made outside this experiment with other settings "
+                              f"({'; '.join(wrong)}); delete it or point the experiment elsewhere")
+
     def _reused(self, name: str, cmd: Command, commit: str, inputs: Dict, reuse: Optional[bool]) -> bool:
         """Whether an earlier run made exactly this (its record then joins `done`); False: make it now."""
         if not ((self.reuse if reuse is None else reuse) and os.path.exists(commit)):
             return False
         rec = _read(record_path(commit))
         if rec is None and cmd.commit:  # made outside any experiment: adopted if it is what this stage makes
-            made = _read(commit) or {}
-            wrong = [f"{k} {_field(made, k)!r}, not {v!r}" for k, v in cmd.expect.items() if _field(made, k) != v]
-            if wrong:
-                raise StageFailed(f"stage {name}: {commit} was made outside this experiment with other settings "
-                                  f"({'; '.join(wrong)}); delete it or point the experiment elsewhere")
+            self._check_expected(name, cmd, commit)
             self.echo(f"(adopting {name}: {commit}, made outside this experiment; delete it to make it again)")
             rec = {"command": cmd.printable(), "identity": cmd.identity(), "inputs": inputs, "seconds": None,
                    "peak_rss_mb": None, "adopted": True}
