@@ -108,8 +108,10 @@ def main(argv=None):
 
 def compare_with_paper(paper, metrics):
     """paper: {"tolerance": ppl, "rows": [{"split", "key", "paper"}]} -> rows with ours and PASS/FAIL."""
-    rows = [dict(r, ours=metrics[r["split"]][r["key"]], diff=round(metrics[r["split"]][r["key"]] - r["paper"], 2),
-                 **{"pass": abs(metrics[r["split"]][r["key"]] - r["paper"]) <= paper["tolerance"]}) for r in paper["rows"]]
+    rows = []
+    for r in paper["rows"]:
+        ours = metrics[r["split"]][r["key"]]
+        rows.append(dict(r, ours=ours, diff=round(ours - r["paper"], 2), **{"pass": abs(ours - r["paper"]) <= paper["tolerance"]}))
     return {"tolerance": paper["tolerance"], "source": paper.get("source", ""), "rows": rows}
 
 
