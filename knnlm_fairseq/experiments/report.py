@@ -43,7 +43,7 @@ def prose(template: str, *args, **values) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
-    """A markdown table; align: one character per column, 'l' or 'r' (default: the renderer's own)."""
+    """A markdown table; align: one character per column, 'l' or 'r' (default: none given, markdown's left)."""
     rule = "|" + "".join({"l": "---|", "r": "---:|"}[c] for c in align) if align else "|" + "---|" * len(header)
     lines = ["| " + " | ".join(map(str, r)) + " |" for r in [header, *rows]]
     return "\n".join([lines[0], rule] + [re.sub(r"\|  (?=\|)", "| ", line) for line in lines[1:]])  # empty: "| |"
