@@ -8,13 +8,17 @@ Writes OUT/metrics.json, OUT/report.md and OUT/ppl_vs_cache_weight.png.
 """
 import argparse
 import os
-import shutil
 import sys
 
 import numpy as np
 
-from pipeline import BIN, KNN_TASK, cli, eval_lm, eval_numbers, read_json, run, versions, write_json
-from plots import plt
+from knnlm_fairseq.core.durable import read_json
+from knnlm_fairseq.experiments import commands as C
+from knnlm_fairseq.experiments.report import line_panels, prose, publish, stage_rows, table, versions
+from knnlm_fairseq.experiments.settings import cli, floats
+from knnlm_fairseq.experiments.stages import Stages
+
+PAPER = {"knnlm_test": 16.12, "knnlm_cache_test": 15.79, "source": "Khandelwal et al. 2020, Table 1 (WikiText-103)"}
 
 
 def get_parser():
@@ -43,100 +47,73 @@ def main(argv=None):
     missing = [r for r in rlogs if not os.path.exists(os.path.join(r, "meta.json"))]
     if missing:
         sys.exit(f"no retrieval log at {missing[0]}: run `make wikitext2` first (its kNN runs record them)")
-    knn_sweep = read_json(os.path.join(a.knn_work, "sweep.json"))
+    knn_sweep = read_json(os.path.join(a.knn_work, "sweep.json"), "run make wikitext2 again")
     k, temps = knn_sweep["settings"]["ks"][-1], knn_sweep["settings"]["temps"]
-    logs, stages, evals = os.path.join(a.work, "logs"), {}, {}
-    for split in splits:
-        clog = os.path.join(a.work, f"cache-{split}")
-        if a.reuse and os.path.exists(os.path.join(clog, "meta.json")):
-            stages[f"cache_log_{split}"] = {"seconds": None, "peak_rss_mb": None,
-                                            "command": f"(reused {clog}: an earlier run of the same pass)"}
-            continue
-        shutil.rmtree(clog, ignore_errors=True)
+    stages, evals = Stages(a.work, a.reuse), {}
+    clogs = [os.path.join(a.work, f"cache-{s}") for s in splits]
+    for split, clog in zip(splits, clogs):
         ev = (a.data_bin, a.checkpoint, split, a.eval_tokens_per_sample, a.eval_context_window, a.max_tokens,
               a.device.split())
-        evals[split] = eval_numbers(run(f"cache_log_{split}", eval_lm(*ev) + KNN_TASK + [
-            "--cache-size", a.cache_size, "--cache-lmbda", 0, "--save-cache", clog, "--cache-thetas", a.thetas],
-            logs, stages))
+        evals[split] = C.eval_numbers(stages.run(f"cache_log_{split}", C.cache_eval(
+            *ev, cache_log=clog, size=a.cache_size, thetas=a.thetas)))
     out_json = os.path.join(a.work, "sweep.json")
-    run("sweep", [f"{BIN}/knnlm-sweep", *rlogs, "--ks", k, "--temps", ",".join(map(str, temps)),
-                  "--lmbdas", a.lmbdas, "--kinds", "exact", "--cache-logs",
-                  *[os.path.join(a.work, f"cache-{s}") for s in splits], "--mus", a.mus, "--output", out_json],
-        logs, stages)
-    sw = read_json(out_json)
+    stages.run("sweep", C.sweep(rlogs, out_json, floats(a.lmbdas), [k], temps, extra=["--kinds", "exact", "--mus", a.mus],
+                                cache_logs=clogs))
+    sw = read_json(out_json, "run the sweep again")
     c = sw["cache"]
-    metrics = {"settings": vars(a) | {"k": k, "kind": "exact"}, "tuned": c["tuned"], "stages": stages,
-               "versions": versions()}
+    metrics = {"settings": vars(a) | {"k": k, "kind": "exact"}, "tuned": c["tuned"], "stages": stages.done,
+               "versions": versions(), "paper": PAPER}
     for split, row, crow in zip(splits, sw["logs"], c["logs"]):
         metrics[split] = {"n_tokens": row["n_tokens"], "base_ppl": round(row["base_ppl"], 2),
                           "cache_ppl": round(crow["cache"], 2), "knnlm_ppl": round(row["tuned"]["exact"], 2),
-                          "knnlm_cache_ppl": round(crow["knn_cache"], 2)}
-        if split in evals:
-            metrics[split]["cache_pass_tok_s"] = evals[split]["tok_s"]
-    os.makedirs(a.out, exist_ok=True)
+                          "knnlm_cache_ppl": round(crow["knn_cache"], 2), "cache_pass_tok_s": evals[split]["tok_s"]}
     metrics["plots"] = [plot(c, splits, a.out)]
-    write_json(os.path.join(a.out, "metrics.json"), metrics)
-    with open(os.path.join(a.out, "report.md"), "w") as f:
-        f.write(render(metrics, splits))
-    print(open(os.path.join(a.out, "report.md")).read())
+    publish(a.out, metrics, render)
     return 0
 
 
 def plot(c, splits, out_dir):
-    mus, thetas = c["mus"], c["thetas"]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
-    t_c, t_kc = thetas.index(c["tuned"]["cache"]["theta"]), thetas.index(c["tuned"]["knn_cache"]["theta"])
-    for ax, row, split in zip(axes[0], c["logs"], splits):
-        ax.plot(mus, np.array(row["cache_grid"])[t_c], "-o", ms=3, label=f"LM + cache (θ={thetas[t_c]})")
-        ax.plot(mus, np.array(row["knn_cache_grid_at_tuned_lmbda"])[t_kc], "-s", ms=3,
-                label=f"kNN-LM + cache (λ={c['tuned']['knn_cache']['lmbda']}, θ={thetas[t_kc]})")
-        ax.set(title=split, xlabel="cache weight μ", ylabel="perplexity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("perplexity vs cache weight (θ, λ tuned on valid)", fontsize=10)
-    fig.tight_layout()
-    name = "ppl_vs_cache_weight.png"
-    fig.savefig(os.path.join(out_dir, name), dpi=110)
-    plt.close(fig)
-    return name
+    mus, thetas, t = c["mus"], c["thetas"], c["tuned"]
+    t_c, t_kc = thetas.index(t["cache"]["theta"]), thetas.index(t["knn_cache"]["theta"])
+    panels = [{"title": split, "xlabel": "cache weight μ", "lines": [
+        {"x": mus, "y": np.array(row["cache_grid"])[t_c], "label": f"LM + cache (θ={thetas[t_c]})"},
+        {"x": mus, "y": np.array(row["knn_cache_grid_at_tuned_lmbda"])[t_kc], "fmt": "-s",
+         "label": f"kNN-LM + cache (λ={t['knn_cache']['lmbda']}, θ={thetas[t_kc]})"}]} for row, split in zip(c["logs"], splits)]
+    return line_panels(os.path.join(out_dir, "ppl_vs_cache_weight.png"), "perplexity vs cache weight (θ, λ tuned on valid)",
+                       panels)
 
 
-def render(m, splits):
-    t = m["tuned"]
-    lines = [
-        "# Continuous cache on WikiText-2 (this CPU)", "",
-        f"The continuous cache of Grave et al. (2017) over the last {m['settings']['cache_size']} positions of the "
-        f"block being scored (context window included; states: the last block's output), interpolated as "
-        f"p = (1 − μ)·p_kNN-LM + μ·p_cache. The kNN-LM rows reuse `make wikitext2`'s datastore and retrieval logs "
-        f"(exact distances, k={m['settings']['k']}). Everything is tuned on valid by `knnlm-sweep --cache-logs` "
-        f"and applied unchanged to test.", "",
-        "| split | tokens | base LM | + cache | + kNN | + kNN + cache |", "|---|---|---|---|---|---|",
-    ]
-    for s in splits:
-        r = m[s]
-        lines.append(f"| {s} | {r['n_tokens']:,} | {r['base_ppl']:.2f} | {r['cache_ppl']:.2f} | {r['knnlm_ppl']:.2f} | "
-                     f"{r['knnlm_cache_ppl']:.2f} |")
-    kc = t["knn_cache"]
-    lines += ["", f"Tuned on valid: cache alone θ={t['cache']['theta']}, μ={t['cache']['mu']}; kNN-LM alone "
-                  f"λ={t['knn']['lmbda']}, T={t['knn']['temp']}; kNN-LM + cache λ={kc['lmbda']}, T={kc['temp']}, "
-                  f"θ={kc['theta']}, μ={kc['mu']}.", ""]
-    v, te = m["valid"], m["test"]
+def render(m):
+    t, st, p, splits = m["tuned"], m["settings"], m["paper"], ["valid", "test"]
+    kc, v, te = t["knn_cache"], m["valid"], m["test"]
     helps = all(m[s]["cache_ppl"] < m[s]["base_ppl"] for s in splits)
     adds = all(m[s]["knnlm_cache_ppl"] < m[s]["knnlm_ppl"] for s in splits)
-    lines += ["## Against the paper", "",
-              "The paper (WikiText-103, Table 1): the cache improves on kNN-LM, 16.12 → 15.79 test perplexity, so "
-              "the two are complementary: kNN retrieves from the training set, the cache from the local document.", "",
-              f"- Cache alone lowers perplexity on both splits: **{'yes' if helps else 'no'}** (valid "
-              f"{v['base_ppl']:.2f} → {v['cache_ppl']:.2f}, test {te['base_ppl']:.2f} → {te['cache_ppl']:.2f}).",
-              f"- Cache on top of kNN-LM lowers it further (complementary): **{'yes' if adds else 'no'}** (valid "
-              f"{v['knnlm_ppl']:.2f} → {v['knnlm_cache_ppl']:.2f}, test {te['knnlm_ppl']:.2f} → "
-              f"{te['knnlm_cache_ppl']:.2f}).", "",
-              "![ppl_vs_cache_weight.png](ppl_vs_cache_weight.png)", "", "## Commands and cost", "",
-              "| stage | seconds | peak RSS (MB) | command |", "|---|---|---|---|"]
-    for name, st in m["stages"].items():
-        lines.append(f"| {name} | {st['seconds']} | {st['peak_rss_mb']} | `{st['command']}` |")
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]
-    return "\n".join(lines)
+    return "\n".join([
+        "# Continuous cache on WikiText-2 (this CPU)", "",
+        prose("The continuous cache of Grave et al. (2017) over the last {size} positions of the block being scored "
+              "(context window included; states: the last block's output), interpolated as p = (1 − μ)·p_kNN-LM + "
+              "μ·p_cache. The kNN-LM rows reuse `make wikitext2`'s datastore and retrieval logs (exact distances, "
+              "k={k}). Everything is tuned on valid by `knnlm-sweep --cache-logs` and applied unchanged to test.",
+              size=st["cache_size"], k=st["k"]), "",
+        table(["split", "tokens", "base LM", "+ cache", "+ kNN", "+ kNN + cache"],
+              [[s, f"{m[s]['n_tokens']:,}"] + [f"{m[s][x]:.2f}" for x in ("base_ppl", "cache_ppl", "knnlm_ppl",
+                                                                            "knnlm_cache_ppl")] for s in splits]), "",
+        prose("Tuned on valid: cache alone θ={ct}, μ={cm}; kNN-LM alone λ={kl}, T={kt}; kNN-LM + cache λ={l}, T={T}, "
+              "θ={th}, μ={mu}.", ct=t["cache"]["theta"], cm=t["cache"]["mu"], kl=t["knn"]["lmbda"], kt=t["knn"]["temp"],
+              l=kc["lmbda"], T=kc["temp"], th=kc["theta"], mu=kc["mu"]), "",
+        "## Against the paper", "",
+        prose("The paper (WikiText-103, Table 1): the cache improves on kNN-LM, {a} → {b} test perplexity, so the two "
+              "are complementary: kNN retrieves from the training set, the cache from the local document.",
+              a=p["knnlm_test"], b=p["knnlm_cache_test"]), "",
+        prose("- Cache alone lowers perplexity on both splits: **{yes}** (valid {vb:.2f} → {vc:.2f}, test {tb:.2f} → "
+              "{tc:.2f}).", yes="yes" if helps else "no", vb=v["base_ppl"], vc=v["cache_ppl"], tb=te["base_ppl"],
+              tc=te["cache_ppl"]),
+        prose("- Cache on top of kNN-LM lowers it further (complementary): **{yes}** (valid {vb:.2f} → {vc:.2f}, test "
+              "{tb:.2f} → {tc:.2f}).", yes="yes" if adds else "no", vb=v["knnlm_ppl"], vc=v["knnlm_cache_ppl"],
+              tb=te["knnlm_ppl"], tc=te["knnlm_cache_ppl"]), "",
+        "![ppl_vs_cache_weight.png](ppl_vs_cache_weight.png)", "", "## Commands and cost", "",
+        table(["stage", "seconds", "peak RSS (MB)", "command"], stage_rows(m["stages"])), "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """make demo: WikiText-2 + a fairseq LM checkpoint -> train datastore -> index -> base vs kNN-LM on valid.
 
-Every stage is a stock fairseq CLI (or knnlm-build-index) in a subprocess; this script only times
-them, parses their reported numbers, prints a table and writes results/demo/metrics.json.
+Every stage is a stock fairseq CLI (or knnlm-build-index) in a subprocess; the datastore and index are kept
+for the next run (a stage whose command changed is made again). Writes OUT/metrics.json and OUT/report.md.
 """
 import argparse
 import os
 import re
 
-from pipeline import BIN, KNN_TASK, PKG, cli, eval_lm, eval_numbers, read_json, run, write_json
+from knnlm_fairseq.core.durable import read_json
+from knnlm_fairseq.experiments import commands as C
+from knnlm_fairseq.experiments.report import prose, publish, stage_rows, table, versions
+from knnlm_fairseq.experiments.settings import cli
+from knnlm_fairseq.experiments.stages import Stages
 
 
 def get_parser():
@@ -35,50 +39,48 @@ def get_parser():
 
 def main(argv=None):
     a = get_parser().parse_args(argv)
-    logs, stages = os.path.join(a.out, "logs"), {}
-    common = (a.data_bin, a.checkpoint)
-    window = (a.tokens_per_sample, a.context_window, a.max_tokens, ["--cpu"])
+    stages = Stages(a.out, reuse=True)  # the datastore and index outlive the demo: delete them to make them again
     print("settings: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()), flush=True)
 
-    if os.path.exists(os.path.join(a.dstore_dir, "manifest.json")):
-        print(f"reusing the datastore in {a.dstore_dir} (delete it to dump again)")
-    else:
-        run("dump", eval_lm(*common, a.dstore_split, *window) + KNN_TASK + ["--save-dstore", "--dstore-dir",
-                                                                            a.dstore_dir], logs, stages)
-    manifest = read_json(os.path.join(a.dstore_dir, "manifest.json"))
-    index_file = "index." + re.sub(r"[^A-Za-z0-9]+", "_", a.factory) + ".faiss"
-    if os.path.exists(os.path.join(a.dstore_dir, index_file)):
-        print(f"reusing the index {index_file}")
-    else:
-        run("index", [f"{BIN}/knnlm-build-index", a.dstore_dir, "--factory", a.factory, "--train-size", a.train_size,
-                      "--output", index_file, "--no-progress-bar"], logs, stages)
-    index_meta = read_json(os.path.join(a.dstore_dir, index_file + ".json"))
-    base = eval_numbers(run("eval_base", eval_lm(*common, a.eval_split, *window) + ["--user-dir", PKG], logs, stages))
-    knnlm = eval_numbers(run("eval_knnlm", eval_lm(*common, a.eval_split, *window) + KNN_TASK + [
-        "--knnlm", "--dstore-dir", a.dstore_dir, "--index-file", index_file, "--k", a.k, "--lmbda", a.lmbda,
-        "--knn-temp", a.knn_temp, "--probe", a.probe, "--knn-dist", a.knn_dist], logs, stages))
+    def window(split):
+        return a.data_bin, a.checkpoint, split, a.tokens_per_sample, a.context_window, a.max_tokens, ["--cpu"]
 
+    stages.run("dump", C.dump(*window(a.dstore_split), dstore=a.dstore_dir))
+    index_file = "index." + re.sub(r"[^A-Za-z0-9]+", "_", a.factory) + ".faiss"
+    stages.run("index", C.build_index(a.dstore_dir, a.factory, a.train_size, output=index_file))
+    manifest = read_json(os.path.join(a.dstore_dir, "manifest.json"), "dump it again")
+    index_meta = read_json(os.path.join(a.dstore_dir, index_file + ".json"), "build the index again")
+    base = C.eval_numbers(stages.run("eval_base", C.base_eval(*window(a.eval_split))))
+    knnlm = C.eval_numbers(stages.run("eval_knnlm", C.knn_eval(
+        *window(a.eval_split), dstore=a.dstore_dir, index_file=index_file, k=a.k, lmbda=a.lmbda, temp=a.knn_temp,
+        probe=a.probe, dist=a.knn_dist)))
     metrics = {
         "split": a.eval_split, "base_ppl": base["ppl"], "knnlm_ppl": knnlm["ppl"], "n_tokens": base["tokens"],
         "dstore_n": manifest["count"], "dstore_split": manifest["split"], "dstore_dim": manifest["dim"],
         "index_factory": index_meta["factory_used"], "k": a.k, "lmbda": a.lmbda, "knn_temp": a.knn_temp,
         "nprobe": a.probe, "knn_dist": a.knn_dist,
-        "seconds": {name: s["seconds"] for name, s in stages.items()},
-        "peak_rss_mb": {name: s["peak_rss_mb"] for name, s in stages.items()},
+        "seconds": {name: s["seconds"] for name, s in stages.done.items()},
+        "peak_rss_mb": {name: s["peak_rss_mb"] for name, s in stages.done.items()},
         "tokens_per_s": {"base": base["tok_s"], "knnlm": knnlm["tok_s"]},
-        "settings": vars(a),
+        "speed_ratio": round(knnlm["tok_s"] / base["tok_s"], 2),
+        "stages": stages.done, "settings": vars(a), "versions": versions(),
     }
-    write_json(os.path.join(a.out, "metrics.json"), metrics)
-    print(f"\n{a.eval_split} perplexity, datastore: {manifest['count']:,} {manifest['split']} tokens, "
-          f"index {index_meta['factory_used']}")
-    print(f"{'model':<48} {'ppl':>9} {'tokens/s':>10}")
-    print(f"{'base LM':<48} {base['ppl']:>9.2f} {base['tok_s']:>10.1f}")
-    name = f"kNN-LM (k={a.k}, λ={a.lmbda}, T={a.knn_temp}, {a.knn_dist})"
-    print(f"{name:<48} {knnlm['ppl']:>9.2f} {knnlm['tok_s']:>10.1f}")
-    print(f"kNN-LM speed: {knnlm['tok_s'] / base['tok_s']:.2f}x the base LM")
-    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["seconds"].items()))
-    print(f"wrote {os.path.join(a.out, 'metrics.json')}")
+    publish(a.out, metrics, render)
     return 0
+
+
+def render(m):
+    return "\n".join([
+        prose("# kNN-LM demo: {split} perplexity", split=m["split"]), "",
+        prose("Datastore: {n:,} `{split}` keys of dim {dim}; index `{factory}`.", n=m["dstore_n"],
+              split=m["dstore_split"], dim=m["dstore_dim"], factory=m["index_factory"]), "",
+        table(["model", "perplexity", "tokens/s"], [
+            ["base LM", f"{m['base_ppl']:.2f}", m["tokens_per_s"]["base"]],
+            [f"kNN-LM (k={m['k']}, λ={m['lmbda']}, T={m['knn_temp']}, {m['knn_dist']} distances)",
+             f"{m['knnlm_ppl']:.2f}", m["tokens_per_s"]["knnlm"]]]), "",
+        prose("kNN-LM runs at {r}× the base LM's speed.", r=m["speed_ratio"]), "",
+        table(["stage", "seconds", "peak RSS (MB)", "command"], stage_rows(m["stages"])), "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""])
 
 
 if __name__ == "__main__":

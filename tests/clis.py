@@ -35,6 +35,15 @@ def evaluated_tokens(output: str) -> int:
     return int(_EVALUATED.findall(output)[-1].replace(",", ""))
 
 
+def wt2_head(dest, **lines: int) -> None:
+    """DEST/wiki.SPLIT.tokens: the first lines of WikiText-2's splits, e.g. wt2_head(dir, train=300, valid=60)."""
+    os.makedirs(dest, exist_ok=True)
+    for split, n in lines.items():
+        with open(os.path.join(WT2_RAW, f"wiki.{split}.tokens")) as f, \
+                open(os.path.join(dest, f"wiki.{split}.tokens"), "w") as out:
+            out.writelines(line for _, line in zip(range(n), f))
+
+
 def binarize_wt2_slice(dest: str, train_lines: int, valid_lines: int) -> str:
     """The first lines of WikiText-2 train/valid, binarized with the shipped checkpoint's dictionary."""
     os.makedirs(dest, exist_ok=True)

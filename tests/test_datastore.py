@@ -398,3 +398,22 @@ def test_full_disk_is_one_clear_error_and_resumable(tmp_path, rows, monkeypatch)
     d = ds.Datastore.open(str(tmp_path / "d"))
     np.testing.assert_array_equal(d.vals, vals)
     d.verify()
+
+
+def test_slice_keeps_rows_and_provenance_with_its_own_manifest(dstore_dir, rows, tmp_path):
+    """A slice (the datastore over a subset of the dumped text) is written by DatastoreWriter: its own manifest and
+    checksums, the source's provenance (eval-lm's compatibility checks still apply) and where it came from."""
+    keys, vals = rows
+    pick = np.r_[10:50, 300:420, 1990:2000]  # (170,) sorted rows
+    manifest = writer.slice_datastore(str(dstore_dir), str(tmp_path / "part"), pick, {"subset_percent": 10}, chunk=64)
+    part = ds.Datastore.open(str(tmp_path / "part"))
+    part.verify()
+    assert part.manifest == manifest and part.count == len(pick)
+    np.testing.assert_array_equal(part.keys, keys[pick].astype(np.float16))
+    np.testing.assert_array_equal(part.vals, vals[pick])
+    full = ds.Datastore.open(str(dstore_dir))
+    assert all(part.manifest[k] == full.manifest[k] for k in META)
+    assert part.manifest["sliced_from"] == {"subset_percent": 10, "path": os.path.abspath(dstore_dir),
+                                            "fingerprint": full.fingerprint, "count": len(keys)}
+    with pytest.raises(KnnlmError, match="already holds a complete datastore"):
+        writer.slice_datastore(str(dstore_dir), str(tmp_path / "part"), pick, {})

@@ -126,26 +126,3 @@ def test_second_last_block_output_is_the_last_blocks_input(world):
     np.testing.assert_allclose(dumped, received, rtol=2e-3, atol=2e-3)  # stored as float16
     # and it is not what any other point of the network gives
     assert not np.allclose(keys(world, "last_block_output"), received, atol=2e-2)
-
-
-def test_the_subset_is_whole_leading_articles(tmp_path):
-    """scripts/keytypes.py cuts WikiText by article (" = Title = "), never inside one; sections stay with it."""
-    import sys
-
-    sys.path.insert(0, os.path.join(clis.ROOT, "scripts"))
-    from keytypes import articles, n_tokens, write_prefix
-
-    text = [" \n"]
-    for i in range(4):
-        text += [f" = Title {i} = \n", " \n", f" a{i} b c \n", f" = = Section {i} = = \n", f" d{i} e \n", " \n"]
-    src = tmp_path / "wiki.tokens"
-    src.write_text("".join(text))
-    arts = articles(str(src))
-    assert len(arts) == 4 and sum(arts, []) == text  # the opening blank line joins the first article
-    assert all(a[0].startswith(" = Title") or a[1].startswith(" = Title") for a in arts)
-    info = write_prefix(str(src), str(tmp_path / "two.txt"), n_articles=2)
-    assert (tmp_path / "two.txt").read_text() == "".join(text[:13])
-    assert (info["articles"], info["articles_total"], info["tokens"]) == (2, 4, n_tokens(text[:13]))
-    # a token budget keeps whole articles until it is reached: 1 token over the first article's needs a second
-    info = write_prefix(str(src), str(tmp_path / "min.txt"), min_tokens=n_tokens(text[:7]) + 1)
-    assert info["articles"] == 2 and info["tokens"] >= n_tokens(text[:7]) + 1

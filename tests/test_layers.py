@@ -1,6 +1,7 @@
 """The layers go one way: core/ (torch, numpy, faiss) <- components/ (core + torch) <- tasks/, models/,
-plugin/ (fairseq); inspect/ (the static HTML viewer) is the standard library and core only. Console scripts and
-the core import without fairseq, hydra or omegaconf, and importing them changes no process-wide state
+plugin/ (fairseq); inspect/ (the static HTML viewer) is the standard library and core only. Console
+scripts, the experiment framework (experiments/: it runs fairseq only as subprocesses) and the core import
+without fairseq, hydra or omegaconf, and importing them changes no process-wide state
 (sys.excepthook, torch's safe globals)."""
 import ast
 import os
@@ -18,9 +19,12 @@ THIRD_PARTY = {
     "components": {"torch"},
     "cli": {"numpy", "torch", "faiss", "tqdm"},
     "inspect": set(),  # the standard library only: a page renders wherever the data can be read
+    "experiments": {"numpy", "matplotlib"},  # stages, command lines, reports: never torch, faiss or fairseq
 }
 # what each layer may import from the package (relative or absolute), besides itself
-INSIDE = {"core": set(), "components": {"core"}, "cli": {"core"}, "inspect": {"core"}}
+INSIDE = {"core": set(), "components": {"core"}, "cli": {"core", "inspect"}, "inspect": {"core"},
+          "experiments": {"core"}}
+FAIRSEQ_FREE = ("core", "components", "cli", "inspect", "experiments")
 
 
 def modules(layer: str):
@@ -51,7 +55,7 @@ def imports(path: str):
     return tops, layers
 
 
-@pytest.mark.parametrize("layer", ["core", "components", "cli", "inspect"])
+@pytest.mark.parametrize("layer", FAIRSEQ_FREE)
 def test_layer_imports_only_what_it_may(layer):
     assert modules(layer), f"no modules found in {layer}/"
     for name in modules(layer):
@@ -61,9 +65,9 @@ def test_layer_imports_only_what_it_may(layer):
 
 
 def test_fairseq_free_modules_import_with_fairseq_blocked():
-    """A fresh interpreter where importing fairseq, hydra or omegaconf raises: every core, components and cli
-    module imports, the core computes, and no process-wide state changed."""
-    names = [f"knnlm_fairseq.{layer}.{m}" for layer in ("core", "components", "cli", "inspect") for m in modules(layer)]
+    """A fresh interpreter where importing fairseq, hydra or omegaconf raises: every core, components, cli,
+    inspect and experiments module imports, the core computes, and no process-wide state changed."""
+    names = [f"knnlm_fairseq.{layer}.{m}" for layer in FAIRSEQ_FREE for m in modules(layer)]
     script = textwrap.dedent(f"""
         import importlib, importlib.abc, sys
         class Block(importlib.abc.MetaPathFinder):

@@ -135,3 +135,22 @@ def test_cli_writes_settings_that_eval_lm_accepts(tmp_path):
     assert s["tuned_for"]["dstore_fingerprint"] == "f" * 64 and s["tuned_for"]["checkpoint_sha256"] == "c" * 64
     assert s["knnlm"]["k"] == chosen["k"] and s["knnlm"]["knn_dist"] == chosen["kind"]
     assert s["knnlm"]["probe"] == 8 and s["searched"] == chosen["searched"]
+
+
+def test_truncated_log_is_the_first_rows_committed_by_the_writer(tmp_path):
+    """The first n rows of a retrieval log (an evaluation of a prefix) as a log of its own, meta.json written last
+    by RetrievalLogWriter; its sweep is the oracle's on those rows."""
+    target, lm_lp, vals, dist = write_log(tmp_path / "log", missing_rows=(5,))
+    meta = rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "cut"), 120, chunk=50)
+    cut, full = rl.RetrievalLog(str(tmp_path / "cut")), rl.RetrievalLog(str(tmp_path / "log"))
+    assert cut.meta == meta and (cut.count, cut.k, meta["split"]) == (120, K, "valid")
+    assert meta["truncated_from"] == str(tmp_path / "log")
+    for name in rl.ARRAYS:
+        np.testing.assert_array_equal(getattr(cut, name), getattr(full, name)[:120])
+    res = sw.sweep(cut, [0.25], [8], [3.0], ["exact"])
+    want = oracle_ppl(target[:120], lm_lp[:120], vals[:120], dist["exact"][:120], 8, 3.0, 0.25)
+    assert sw.lookup(res, "exact", 8, 3.0, 0.25) == pytest.approx(want, rel=1e-4)
+    with pytest.raises(rl.KnnlmError, match="fewer than the 301 asked"):
+        rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "more"), N + 1)
+    with pytest.raises(rl.KnnlmError, match="already holds a log"):
+        rl.truncate_log(str(tmp_path / "log"), str(tmp_path / "cut"), 10)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from knnlm_fairseq.core.textprep import (KnnlmError, WikiTextTokenizer, count_oov, load_dict_words, prepare, read_document,
-                                    split_documents, strip_gutenberg, tokenize_document)
+from knnlm_fairseq.core.textprep import (KnnlmError, WikiTextTokenizer, count_oov, leading_paragraphs, load_dict_words,
+                                         prepare, read_document, split_documents, strip_gutenberg, tokenize_document)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -179,3 +179,11 @@ def test_cli_one_line_errors(tmp_path, capsys):
         lines = captured.err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("knnlm-prepare-text: error: ") and message in lines[0], lines
         assert captured.out == "" and not out.exists()
+
+
+def test_leading_paragraphs_stop_at_the_first_whole_paragraph_past_the_budget():
+    lines = ["a b c", "d e", "f g h i", "j"]
+    assert leading_paragraphs(lines, 4) == lines[:2]  # 5 tokens: the paragraph that crosses 4 is kept
+    assert leading_paragraphs(lines, 5) == lines[:2]
+    assert leading_paragraphs(lines, 6) == lines[:3]
+    assert leading_paragraphs(lines, 0) == lines == leading_paragraphs(lines, 100)

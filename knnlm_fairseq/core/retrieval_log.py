@@ -103,3 +103,19 @@ class RetrievalLog:
     @property
     def k(self) -> int:
         return int(self.meta["k"])
+
+
+def truncate_log(src: str, dest: str, n: int, chunk: int = 1 << 16) -> Dict:
+    """The first n rows of a retrieval log as a new log: the scores an evaluation of the first n tokens would log.
+
+    With --context-window the blocks of a prefix are the blocks of the full split, so each token keeps its context.
+    Written through RetrievalLogWriter, so meta.json still comes last. Returns the new log's meta.
+    """
+    log = RetrievalLog(src)
+    if n > log.count:
+        raise KnnlmError(f"{src} holds {log.count} rows, fewer than the {n} asked")
+    meta = {k: v for k, v in log.meta.items() if k not in ("k", "dim", "count")}
+    w = RetrievalLogWriter(dest, log.k, dict(meta, truncated_from=os.path.abspath(src)), dim=log.meta.get("dim", 0))
+    for s in range(0, n, chunk):
+        w.add(**{name: np.asarray(getattr(log, name)[s : min(s + chunk, n)]) for name in ARRAYS})
+    return w.close()

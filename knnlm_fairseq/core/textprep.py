@@ -180,6 +180,17 @@ def count_oov(lines: Iterable[str], vocab: set) -> Tuple[int, int, Counter]:
     return n, oov, missing
 
 
+def leading_paragraphs(lines: Sequence[str], max_tokens: int) -> List[str]:
+    """The first whole lines (paragraphs) holding at least max_tokens tokens; all of them if 0 or fewer exist."""
+    kept, n = [], 0
+    for line in lines:
+        if max_tokens and n >= max_tokens:
+            break
+        kept.append(line)
+        n += len(line.split())
+    return kept
+
+
 def prepare(src_dir: str, dict_path: str, out_dir: str, valid_docs: Sequence[str] = (), test_docs: Sequence[str] = (),
             valid_frac: float = 0.1, test_frac: float = 0.1, seed: int = 1,
             exclude: Sequence[str] = METADATA_NAMES) -> Dict:

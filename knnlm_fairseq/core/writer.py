@@ -13,11 +13,16 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .datastore import FORMAT_VERSION, KEYS, MANIFEST, PROGRESS, VALS
+from .datastore import FORMAT_VERSION, KEYS, MANIFEST, PROGRESS, VALS, Datastore
 from .durable import StreamingNpy, disk_errors, write_json_atomic
 from .errors import KnnlmError
 
 logger = logging.getLogger(__name__)
+
+
+# manifest fields the writer computes itself; everything else (checkpoint, dictionary, context sizes) is provenance
+COMPUTED = ("format_version", "count", "dim", "key_dtype", "val_dtype", "vocab_size", "files", "sha256", "fingerprint",
+            "dump_seconds", "resumed_after_rows")
 
 
 def value_dtype(vocab_size: int) -> np.dtype:
@@ -144,3 +149,19 @@ class DatastoreWriter:
             os.remove(os.path.join(self.path, PROGRESS))  # after the manifest: there is always one or the other
         logger.info(f"datastore {self.path}: {self.count:,} entries of dim {self.dim} ({self.key_dtype.name})")
         return manifest
+
+
+def slice_datastore(src: str, dest: str, rows: np.ndarray, note: Dict, chunk: int = 1 << 16) -> Dict:
+    """A datastore of some rows of src (same model, same keys), with its own manifest; returns the manifest.
+
+    Row i of a --save-dstore dump over a file is token i, so the rows of whole articles are exactly the entries a
+    dump of those articles would hold, each key computed with its context in the full text.
+    """
+    ds = Datastore.open(src)
+    meta = {k: v for k, v in ds.manifest.items() if k not in COMPUTED}
+    meta["sliced_from"] = dict(note, path=os.path.abspath(src), fingerprint=ds.fingerprint, count=ds.count)
+    w = DatastoreWriter(dest, ds.dim, ds.manifest["vocab_size"], meta, key_dtype=ds.manifest["key_dtype"])
+    for s in range(0, len(rows), chunk):
+        r = rows[s : s + chunk]  # (c,) sorted row ids
+        w.add(np.asarray(ds.keys[r]), np.asarray(ds.vals[r]))  # (c, dim), (c,)
+    return w.close()

@@ -237,6 +237,7 @@ class KnnEvalTask(LanguageModelingTask):
             "scored_tokens_per_block": a.tokens_per_sample,
             "sample_break_mode": str(a.sample_break_mode),
             "checkpoint": self._checkpoint(),
+            "decoder_layers": len(self.knn_models[0].decoder.layers),  # reports describe the model by it
             "dictionary": {"size": len(self.dictionary), "sha256": dictionary_sha256(self.dictionary.symbols)},
             "versions": {"fairseq": fairseq_version, "torch": torch.__version__},
         }
