@@ -25,6 +25,7 @@ setup(
             "knnlm-sweep = knnlm_fairseq.cli.sweep:main",
             "knnlm-prepare-text = knnlm_fairseq.cli.prepare_text:main",
             "knnlm-merge-dstore = knnlm_fairseq.cli.merge_dstore:main",
+            "knnlm-inspect = knnlm_fairseq.cli.inspect:main",
         ]
     },
 )

@@ -18,7 +18,7 @@ THIRD_PARTY = {
     "core": {"numpy", "torch", "faiss", "tqdm", "sacremoses"},  # tqdm: index building's progress bar
     "components": {"torch"},
     "cli": {"numpy", "torch", "faiss", "tqdm"},
-    "inspect": set(),  # the standard library only: a page renders wherever the data can be read
+    "inspect": {"numpy", "torch"},  # html.py itself is the standard library only
     "experiments": {"numpy", "matplotlib"},  # stages, command lines, reports: never torch, faiss or fairseq
 }
 # what each layer may import from the package (relative or absolute), besides itself

@@ -23,5 +23,10 @@ def check_config(a) -> None:
     if a.save_cache and (a.knnlm or not a.cache_size):
         raise KnnlmError("--save-cache records the cache in a base-LM pass: pass --cache-size N and no --knnlm "
                          "(knnlm-sweep --cache-logs combines it with a retrieval log)")
+    if a.eval_tokens < 0:
+        raise KnnlmError(f"--eval-tokens must be >= 0 (0: the whole split), got {a.eval_tokens}")
+    if a.eval_tokens and a.save_dstore:
+        # a datastore over part of a split is made by binarizing that part: its manifest then says what it holds
+        raise KnnlmError("--eval-tokens evaluates a prefix; to dump part of a text, binarize that part and dump it")
     if a.save_dstore and os.path.exists(os.path.join(a.dstore_dir, MANIFEST)):
         raise KnnlmError(f"{a.dstore_dir} already holds a datastore; pass a new --dstore-dir")

@@ -81,3 +81,19 @@ class ThenFinish(_Wrapper):
                 self.done = True
                 self.on_end()
             raise
+
+
+class FirstTokens(_Wrapper):
+    """Batches up to the one that brings the scored tokens to at least `limit`: a prefix of the split, whole
+    blocks, each with the context window it has in the full split."""
+
+    def __init__(self, itr, limit: int, pad: int):
+        self.itr, self.limit, self.pad, self.scored = itr, limit, pad, 0
+
+    def __next__(self):
+        if self.scored >= self.limit:
+            raise StopIteration
+        sample = next(self.itr)
+        if sample:
+            self.scored += int(sample["target"].ne(self.pad).sum())
+        return sample

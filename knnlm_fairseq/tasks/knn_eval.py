@@ -22,6 +22,7 @@ from ..components.gates import SignalGate
 from ..components.knn import KnnMixer, KnnSearch
 from ..components.progress import Progress
 from ..components.recorders import CacheRecorder, RetrievalRecorder
+from ..core.databin import split_sha256
 from ..core.datastore import dictionary_sha256
 from ..core.durable import write_json_atomic
 from ..core.errors import KnnlmError
@@ -33,7 +34,7 @@ from ..core.writer import DatastoreWriter
 from ..models.knnlm import KnnLM
 from ..plugin.checkpoints import checkpoint_identity
 from ..plugin.config_checks import check_config
-from ..plugin.iterators import BatchRange, SkipWritten, ThenFinish
+from ..plugin.iterators import BatchRange, FirstTokens, SkipWritten, ThenFinish
 from ..core.settings import apply_settings, check_settings_target
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ class KnnEvalConfig(LanguageModelingConfig):
     dstore_in_memory: bool = field(
         default=False, metadata={"help": "read the keys into RAM instead of memory-mapping them (exact distances)"}
     )
+    eval_tokens: int = field(
+        default=0,
+        metadata={"help": "score only the split's first blocks, up to the one that reaches this many tokens (0: all); "
+                          "each keeps the context window it has in the full split"},
+    )
     knn_stats: Optional[str] = field(
         default=None, metadata={"help": "write where the evaluation's time went (LM, search, mixing) to this JSON file"}
     )
@@ -193,6 +199,8 @@ class KnnEvalTask(LanguageModelingTask):
             model.pipeline.remove()
             model.pipeline = Pipeline(model.decoder, self._components(dataset, context_window, shard_id),
                                       self.dictionary.pad())
+        if self.args.eval_tokens:
+            itr = FirstTokens(itr, self.args.eval_tokens, self.dictionary.pad())
         if self.args.save_dstore and self._writer.skip:
             itr = SkipWritten(itr, self._writer, self.dictionary.pad())
         return ThenFinish(itr, self._finish)
@@ -203,7 +211,8 @@ class KnnEvalTask(LanguageModelingTask):
         key_type = str(a.knn_keytype)
         what = "dump" if a.save_dstore else "kNN-LM" if a.knnlm else "cache"
         # tokens of the split (all shards): the rate and the time left, not an exact count of scored rows
-        out: List[Component] = [Progress(f"{what} {split}", int(dataset.sizes.sum()) // max(self.num_shards, 1))]
+        total = min(a.eval_tokens or int(dataset.sizes.sum()), int(dataset.sizes.sum())) // max(self.num_shards, 1)
+        out: List[Component] = [Progress(f"{what} {split}", total)]
         if a.save_dstore:
             self._writer = self._dump_writer(split, context_window, shard_id)
             out.append(DumpWriter(self._writer, key_type))
@@ -236,6 +245,8 @@ class KnnEvalTask(LanguageModelingTask):
             "tokens_per_sample": a.tokens_per_sample + context_window,
             "scored_tokens_per_block": a.tokens_per_sample,
             "sample_break_mode": str(a.sample_break_mode),
+            # the bytes the entries came from: knnlm-inspect shows their contexts only from this very split
+            "data_sha256": split_sha256(a.data, split) if os.pathsep not in a.data else None,
             "checkpoint": self._checkpoint(),
             "decoder_layers": len(self.knn_models[0].decoder.layers),  # reports describe the model by it
             "dictionary": {"size": len(self.dictionary), "sha256": dictionary_sha256(self.dictionary.symbols)},
