@@ -51,7 +51,7 @@ KEYTYPES_ARGS ?= --train-articles 0.05 --valid-tokens 15000 --factory IVF1024,PQ
 	--eval-tokens-per-sample 512 --eval-context-window 256 --max-tokens 8192 --device=--cpu
 KEYTYPES_EXTRA ?=  # e.g. --reuse: keep the subset and every key type already finished in KEYTYPES_WORK
 
-.PHONY: install browser test test-unit demo bench lint clean wikitext2 wikitext103 wikitext103-check wikitext103-data wikitext103-model \
+.PHONY: install browser test test-unit demo bench analysis lint clean wikitext2 wikitext103 wikitext103-check wikitext103-data wikitext103-model \
 	wikitext103-run scaling domain keytypes cache wikitext2-extras
 
 install: browser
@@ -126,6 +126,13 @@ BENCH_ARGS ?= --temps 1,3,10,30
 bench: $(WT2_BIN)/.done $(CKPT)
 	$(BIN)/python scripts/bench.py --data-bin $(WT2_BIN) --checkpoint $(CKPT) --dstore $(WT2_WORK)/dstore \
 		--out $(BENCH_OUT) --work $(BENCH_WORK) --tokens $(BENCH_TOKENS) $(BENCH_ARGS)
+
+# make analysis: the paper's "rare patterns" claim on WikiText-2 valid, from make wikitext2's retrieval log
+ANALYSIS_OUT ?= results/analysis
+ANALYSIS_WORK ?= dstore/analysis
+analysis: $(WT2_BIN)/.done $(CKPT)
+	$(BIN)/python scripts/analysis.py --data-bin $(WT2_BIN) --checkpoint $(CKPT) --dstore $(WT2_WORK)/dstore \
+		--log $(WT2_WORK)/retrieval-valid --out $(ANALYSIS_OUT) --work $(ANALYSIS_WORK)
 
 wikitext2: $(WT2_BIN)/.done $(CKPT)
 	$(BIN)/python scripts/reproduce.py --title "kNN-LM on WikiText-2 (this CPU)" --data-bin $(WT2_BIN) \

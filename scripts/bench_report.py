@@ -41,7 +41,7 @@ def render(m):
             f"{run['peak_rss_mb']:,.0f}"])
     split_rows = [[name[r]] + [f"{x:.1f}" for x in split_of_time(m["runs"][f"{r}_{tune}"])]
                   for r in m["rows"] if r != "base"]
-    chosen, sweep = m["tuned"], m["sweep"]["chosen"]
+    chosen = m["tuned"]
     lines = [
         "# kNN-LM speed: base LM and kNN-LM timed side by side", "",
         prose("One run on this machine ({cores} cores), the same {tok} tokens of each split for every row; tokens/s "

@@ -78,6 +78,7 @@ def test_live_gate_buckets_like_the_offline_tuning():
         rows: torch.Tensor
         search: torch.Tensor
         lmbda: torch.Tensor = None
+        signal_cols: int = None
 
     step = FakeStep(lp, torch.arange(len(values)), torch.ones(len(values), dtype=torch.bool))
     gate.on_scores(step)
@@ -88,8 +89,9 @@ def test_live_gate_buckets_like_the_offline_tuning():
 
 
 def test_entropy_signal_against_numpy():
-    lp = torch.log_softmax(torch.randn(5, 30, generator=torch.Generator().manual_seed(0)), -1)
-    lp[2, :10] = -float("inf")  # words of probability 0 add nothing
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    logits[2, :10] = -float("inf")  # words of probability 0 add nothing
+    lp = torch.log_softmax(logits, -1)
     p = lp.double().exp().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         want = -np.where(p > 0, p * np.log(p), 0).sum(1)
@@ -154,3 +156,22 @@ def test_bad_settings_files_are_refused(tmp_path, body, message):
     (tmp_path / "s.json").write_text(body)
     with pytest.raises(KnnlmError, match=message):
         read_settings(str(tmp_path / "s.json"))
+
+
+def test_signals_read_only_what_an_adaptive_softmax_fills_for_every_row():
+    """fairseq's adaptive softmax computes a tail cluster only for rows whose target is in it (zeros elsewhere):
+    over the head columns the signals are the same whichever cluster the target was in."""
+    torch.manual_seed(0)
+    head, vocab = 6, 20
+    full = torch.log_softmax(torch.randn(4, vocab), -1)
+    filled = full.clone()
+    filled[:2, head:] = 0.0  # rows 0-1: target in the head, so no tail was computed
+    rows = torch.arange(4)
+    for name, fn in signals.SIGNALS.items():
+        a, b = fn(full, rows, head), fn(filled, rows, head)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert not torch.equal(fn(full, rows), fn(filled, rows)), name  # over all columns the zeros would leak
+    p = full[:, :head].double().exp()
+    rest = 1 - p.sum(-1)
+    want = -(p * p.log()).sum(-1) - rest * rest.log()  # the head words, and the tail's mass as one outcome
+    torch.testing.assert_close(signals.entropy(full, rows, head).double(), want, rtol=1e-5, atol=1e-5)

@@ -42,6 +42,7 @@ class Step:
     lm_target_lp: Optional[torch.Tensor]  # (N,) the LM's own log-prob of each target, before any component
     search: torch.Tensor  # (N,) bool: rows that retrieve; gates clear rows
     block_start: torch.Tensor  # (N,) bool: the row's previous position is not scored (a block's first scored row)
+    signal_cols: Optional[int] = None  # leading columns of lp valid for every row (core/signals.py); None: all
     lmbda: Optional[torch.Tensor] = None  # (N,) per-row kNN weight, when a component sets one
     neighbours: Optional[Neighbours] = None  # (N, k), set by the search; rows that did not search find nothing
     cache: Optional[tuple] = None  # continuous cache (sims, vals, ok), each (N, W), set by the cache component
@@ -94,6 +95,9 @@ class Pipeline:
 
     def __init__(self, decoder, components: List[Component], pad: int):
         self.components, self.pad = list(components), pad
+        # an adaptive softmax fills a tail cluster only for rows whose target is in it: signals read the head
+        adaptive = getattr(decoder, "adaptive_softmax", None)
+        self.signal_cols = int(adaptive.cutoff[0]) if adaptive is not None else None
         key_types = {kt for c in self.components for kt in c.key_types}
         self.captures = {kt: KeyCapture(decoder, kt) for kt in sorted(key_types)}
         self.batch: Optional[Batch] = None
@@ -130,7 +134,8 @@ class Pipeline:
         block_start = (~prev | ((torch.arange(n, device=flat.device) + first) % width == 0))[rows]  # (N,)
         self.prev_scored = bool(scored[-1])
         step = Step(batch=self.batch, first=first, lp=flat, rows=rows, target=tgt, lm_target_lp=lm_target_lp,
-                    search=torch.ones(rows.numel(), dtype=torch.bool, device=flat.device), block_start=block_start)
+                    search=torch.ones(rows.numel(), dtype=torch.bool, device=flat.device), block_start=block_start,
+                    signal_cols=self.signal_cols)
         if rows.numel():
             for c in self.components:
                 c.on_scores(step)

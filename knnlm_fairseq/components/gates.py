@@ -29,7 +29,7 @@ class SignalGate(Component):
 
     def on_scores(self, step: Step) -> None:
         with self.timer(step.rows.numel()):
-            value = signals.SIGNALS[self.signal](step.lp, step.rows)  # (N,)
+            value = signals.SIGNALS[self.signal](step.lp, step.rows, step.signal_cols)  # (N,)
             dev = value.device
             lam = self.lmbdas.to(dev)[torch.bucketize(value, self.edges.to(dev), right=True)]  # (N,)
             step.lmbda = lam

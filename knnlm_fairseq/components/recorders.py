@@ -20,8 +20,8 @@ class RetrievalRecorder(Component):
         self.log.add(target=step.target.cpu().numpy(), lm_lp=step.lm_target_lp.cpu().numpy(),
                      ids=nb.ids.numpy(), vals=nb.values.numpy(), dist_approx=nb.approx.numpy(),
                      dist_exact=nb.exact.numpy(), query=step.keys(self.key_types[0]).cpu().numpy(),
-                     lm_entropy=signals.entropy(step.lp, step.rows).cpu().numpy(),
-                     lm_max_lp=signals.max_log_prob(step.lp, step.rows).cpu().numpy(),
+                     lm_entropy=signals.entropy(step.lp, step.rows, step.signal_cols).cpu().numpy(),
+                     lm_max_lp=signals.max_log_prob(step.lp, step.rows, step.signal_cols).cpu().numpy(),
                      block_start=step.block_start.cpu().numpy())
 
     def close(self) -> Dict:

@@ -14,21 +14,29 @@ from ..core.contexts import SourceText
 from ..core.knn import knn_scores
 
 
-def token_scores(log, kind: str, k: int, temp: float, lmbda: float, rows: slice) -> Dict[str, np.ndarray]:
-    """p_LM, p_kNN, p and the gain (log p - log p_LM, nats) of the log's tokens in `rows`, plus each token's
-    neighbour weights (normalized, nearest first) for the k nearest."""
-    d = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[rows, :k]))  # (n, k)
-    vals = np.asarray(log.vals[rows, :k])
-    target = np.asarray(log.target[rows])
-    weights = knn_scores(d, temp).exp().double().numpy()  # (n, k), 0 where missing
-    p_knn = (weights * (vals == target[:, None])).sum(1)
-    p_lm = np.exp(np.asarray(log.lm_lp[rows], dtype=np.float64))
-    found = np.isfinite(d.numpy()).any(1)
-    p = np.where(found, lmbda * p_knn + (1 - lmbda) * p_lm, p_lm)
+def token_scores(log, kind: str, k: int, temp: float, lmbda: float, rows: slice, with_weights: bool = False,
+                 chunk: int = 16384) -> Dict[str, np.ndarray]:
+    """p_LM, p_kNN, p and the gain (log p - log p_LM, nats) of the log's tokens in `rows`, chunk by chunk (a whole
+    split's neighbours never sit in memory at once); with_weights: also each token's normalized neighbour weights
+    (n, k), nearest first."""
+    start, stop = rows.indices(log.count)[:2]
+    parts = []
+    for s in range(start, stop, chunk):
+        e = min(s + chunk, stop)
+        d = torch.from_numpy(np.array(getattr(log, f"dist_{kind}")[s:e, :k]))  # (c, k)
+        vals = np.asarray(log.vals[s:e, :k])
+        target = np.asarray(log.target[s:e])
+        weights = knn_scores(d, temp).exp().double().numpy()  # (c, k), 0 where missing
+        p_knn = (weights * (vals == target[:, None])).sum(1)
+        p_lm = np.exp(np.asarray(log.lm_lp[s:e], dtype=np.float64))
+        found = np.isfinite(d.numpy()).any(1)
+        p = np.where(found, lmbda * p_knn + (1 - lmbda) * p_lm, p_lm)
+        parts.append({"target": target, "p_lm": p_lm, "p_knn": p_knn, "p": p, "found": found,
+                      **({"weights": weights} if with_weights else {})})
+    out = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     with np.errstate(divide="ignore"):
-        gain = np.log(p) - np.log(p_lm)
-    return {"target": target, "p_lm": p_lm, "p_knn": p_knn, "p": p, "gain": gain, "weights": weights,
-            "found": found}
+        out["gain"] = np.log(out["p"]) - np.log(out["p_lm"])
+    return out
 
 
 def build(log, symbols: List[str], source: Optional[SourceText], kind: str, k: int, temp: float, lmbda: float,
@@ -36,7 +44,7 @@ def build(log, symbols: List[str], source: Optional[SourceText], kind: str, k: i
     """The data contract of html.render: columns per token, each token's `shown` nearest neighbours with their
     contexts (none when `source` is None), and one vocabulary of the words used."""
     n = log.count if not first else min(first, log.count)
-    s = token_scores(log, kind, k, temp, lmbda, slice(0, n))
+    s = token_scores(log, kind, k, temp, lmbda, slice(0, n), with_weights=True)
     ids, dists = np.asarray(log.ids[:n, :shown]), np.asarray(getattr(log, f"dist_{kind}")[:n, :shown])
     vals = np.asarray(log.vals[:n, :shown])
     vocab: Dict[int, int] = {}
