@@ -41,6 +41,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="adaptive retrieval: comma-separated LM-confidence signals (entropy, max_lp) to tune a "
                         "per-token λ on, by buckets of the signal; buckets whose λ is 0 skip the search")
     p.add_argument("--buckets", type=int, default=10, help="buckets of each gate signal (quantiles of the tune log)")
+    p.add_argument("--pointers", default="",
+                   help="pointer reuse (RetoMaton): comma-separated minimum counts of surviving pointers to simulate on "
+                        "the tune log at its tuned approx/exact setting (reads the datastore's keys)")
+    p.add_argument("--pointer-tokens", type=int, default=20000, help="tokens of the tune log the simulation replays")
     p.add_argument("--write-settings", metavar="FILE",
                    help="write the cheapest tuned settings within --max-ppl-increase for fairseq-eval-lm --knn-settings")
     p.add_argument("--max-ppl-increase", type=float, default=0.5,
@@ -90,6 +94,27 @@ def cache_sweep(args, logs, tune_result) -> dict:
     return {"mus": args.mus, "thetas": thetas, "lmbdas": args.lmbdas, "tuned": tuned, "logs": rows}
 
 
+def pointer_sweep(args, log, tuned) -> list:
+    """Searched fraction and perplexity of pointer reuse at each minimum, on the first --pointer-tokens tokens."""
+    import tempfile
+
+    from ..core.datastore import Datastore
+    from ..core.pointers import simulate
+    from ..core.retrieval_log import RetrievalLog, truncate_log
+
+    dstore = Datastore.open(log.meta["dstore"]["path"], in_memory=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = log if args.pointer_tokens >= log.count else RetrievalLog(
+            truncate_log(log.path, f"{tmp}/cut", args.pointer_tokens) and f"{tmp}/cut")
+        for kind, b in tuned.items():
+            for m in [10**9] + ints(args.pointers):  # first: no reuse, the reference
+                r = simulate(cut, dstore, kind, b["k"], b["temp"], b["lmbda"], m)
+                rows.append(dict(r, min_pointers=None if m == 10**9 else m))
+                print(f"pointers {kind} min {rows[-1]['min_pointers']}: searched {r['searched']:.1%}, ppl {r['ppl']:.2f}")
+    return rows
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     from ..core.retrieval_log import RetrievalLog
@@ -118,6 +143,8 @@ def main(argv=None) -> int:
     out["tuned"] = tuned
     if cache is not None:
         out["cache"] = cache
+    if args.pointers:
+        out["pointers"] = pointer_sweep(args, logs[0], tuned)
     if args.gates or args.write_settings:
         from ..core.adaptive import adaptive_sweep, choose
         from ..core.settings import settings_file
