@@ -24,6 +24,7 @@ from ..core.durable import write_json_atomic
 from .commands import Command
 
 RECORD = ".stage.json"
+PROGRESS = "knnlm_fairseq.components.progress"  # the logger of the eval passes' progress lines
 
 
 class StageFailed(RuntimeError):
@@ -110,7 +111,11 @@ class Stages:
         os.makedirs(self.logs, exist_ok=True)
         log, t0 = self.log_path(name), time.time()
         with open(log + ".tmp", "w") as out:
-            proc = subprocess.Popen(cmd.argv, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:  # to the log; progress lines also to the console, so long stages show life
+                out.write(line)
+                if PROGRESS in line:
+                    self.echo(f"  [{name}] {line.split(PROGRESS, 1)[1].lstrip(':| ').strip()}")
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
         seconds, code, text = time.time() - t0, os.waitstatus_to_exitcode(status), _text(log + ".tmp")
         if code != 0:
