@@ -8,6 +8,7 @@ OUT/report.md and OUT/frontier.png; datastore, indexes, logs and per-run statist
 """
 import argparse
 import os
+import re
 
 from knnlm_fairseq.core.durable import read_json
 from knnlm_fairseq.experiments import commands as C
@@ -29,7 +30,8 @@ def get_parser():
     p.add_argument("--splits", default="valid,test", help="tune split first; settings are tuned on it only")
     add_run_settings(p, lmbda=0.25, knn_temp=10.0)
     p.add_argument("--approx-lmbda", type=float, default=0.3, help="λ of the paper-index approximate-distance row")
-    p.add_argument("--fast-factory", default="IVF1024,PQ32x4fs", help="the fast configuration's index")
+    p.add_argument("--fast-factory", default="IVF1024,PQ64x4fs",
+                   help="the fast configuration's index (4-bit fast-scan PQ: SIMD list scans)")
     p.add_argument("--fast-probe", type=int, default=8)
     p.add_argument("--fast-k", type=int, default=1024, help="k recorded for the sweep (it tunes smaller k too)")
     p.add_argument("--gates", default="entropy,max_lp")
@@ -49,7 +51,7 @@ def main(argv=None):
 
     stages.run("dump", C.dump(*window(a, a.data_bin, a.checkpoint, "train", dump=True), dstore=a.dstore), keep=True)
     stages.run("index_paper", C.build_index(a.dstore, a.factory, a.train_size), keep=True)
-    fast_index = "index.fast.faiss"
+    fast_index = "index." + re.sub(r"[^A-Za-z0-9]+", "_", a.fast_factory) + ".faiss"
     stages.run("index_fast", C.build_index(a.dstore, a.fast_factory, a.train_size, output=fast_index))
 
     # the fast settings, tuned on the tune split only
