@@ -75,13 +75,14 @@ def main(argv=None):
 def example(log, s, i: int, source, symbols, words, kind: str, shown: int = 3, left: int = 12):
     """Token i with the words before it and its nearest neighbours' contexts (the value in brackets), as text."""
     weights = token_scores(log, kind, log.k, s["temp"], s["lmbda"], slice(i, i + 1), with_weights=True)["weights"][0]
+    dists = np.asarray(getattr(log, f"dist_{kind}")[i])
     nbs = []
-    for j in range(shown):
+    for j in np.argsort(dists, kind="stable")[:shown]:  # nearest by the distances p_kNN uses
         row = int(log.ids[i, j])
         if row < 0:
             break
         ctx, at = source.context(row, left, 3)
-        nbs.append({"value": symbols[int(log.vals[i, j])], "dist": float(getattr(log, f"dist_{kind}")[i, j]),
+        nbs.append({"value": symbols[int(log.vals[i, j])], "dist": float(dists[j]),
                     "weight": float(weights[j]),
                     "context": " ".join(f"[{symbols[c]}]" if n == at else symbols[c] for n, c in enumerate(ctx))})
     return {"index": i, "word": words[i], "before": " ".join(words[max(0, i - left) : i]),

@@ -33,7 +33,7 @@ def example_rows(examples):
     out = []
     for e in examples:
         best = e["neighbours"][0] if e["neighbours"] else None
-        out.append([f"… {e['before']} **{e['word']}**", f"{e['p_lm']:.4f}", f"{e['p']:.4f}", f"{e['gain']:+.3f}",
+        out.append([f"… {e['before']} **{e['word']}**", f"{e['p_lm']:.2g}", f"{e['p']:.2g}", f"{e['gain']:+.3f}",
                     dash(best and best["context"]), dash(best and f"{best['weight']:.3f}")])
     return out
 

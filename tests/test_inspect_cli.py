@@ -86,6 +86,8 @@ def test_every_neighbour_context_is_the_datastores_text(world):
             assert [vocab[c] for c in ctx] == raw[row - at : row - at + len(ctx)]  # and the text around it
             checked += 1
     assert checked > 1000 and all(len(nbs) == 5 for nbs in page["tokens"]["nb"])
+    # the nearest by the distances p_kNN uses (exact here), not faiss's order: heaviest first
+    assert all(np.all(np.diff([nb[1] for nb in nbs]) >= 0) for nbs in page["tokens"]["nb"])
 
 
 def test_a_pass_over_the_first_tokens_and_over_raw_text(world):

@@ -45,8 +45,13 @@ def build(log, symbols: List[str], source: Optional[SourceText], kind: str, k: i
     contexts (none when `source` is None), and one vocabulary of the words used."""
     n = log.count if not first else min(first, log.count)
     s = token_scores(log, kind, k, temp, lmbda, slice(0, n), with_weights=True)
-    ids, dists = np.asarray(log.ids[:n, :shown]), np.asarray(getattr(log, f"dist_{kind}")[:n, :shown])
-    vals = np.asarray(log.vals[:n, :shown])
+    # the `shown` nearest by the distances p_kNN uses (faiss orders by its own, approximate ones)
+    all_d = np.asarray(getattr(log, f"dist_{kind}")[:n, :k])  # (n, k)
+    order = np.argsort(all_d, axis=1, kind="stable")[:, :shown]  # (n, shown)
+    ids = np.take_along_axis(np.asarray(log.ids[:n, :k]), order, 1)
+    dists = np.take_along_axis(all_d, order, 1)
+    vals = np.take_along_axis(np.asarray(log.vals[:n, :k]), order, 1)
+    s["weights"] = np.take_along_axis(s["weights"], order, 1)
     vocab: Dict[int, int] = {}
 
     def word(i: int) -> int:
