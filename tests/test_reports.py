@@ -14,9 +14,9 @@ from knnlm_fairseq.experiments.report import NUMBER, REFERENCE, read_metrics
 
 # report directory -> the script holding its render(metrics)
 RENDERERS = {"wikitext2": "reproduce.py", "cache": "cache_report.py", "domain": "domain_report.py",
-             "keytypes": "keytypes_report.py", "scaling": "scaling_report.py"}
+             "keytypes": "keytypes_report.py", "scaling": "scaling_report.py", "analysis": "analysis_report.py"}
 # numbers that are counts of what the metrics list (key types, datastores), not values the metrics hold
-COUNTS = {"wikitext2": [], "cache": [], "domain": ["3"], "keytypes": ["8", "4", "4"], "scaling": []}
+COUNTS = {"wikitext2": [], "cache": [], "domain": ["3"], "keytypes": ["8", "4", "4"], "scaling": [], "analysis": []}
 
 
 def renderer(name):
