@@ -161,3 +161,18 @@ def test_block_start_marks_each_blocks_first_scored_row(setup, chunks):
     run(setup, [rec], chunks)
     starts, rows = torch.cat(rec.starts), torch.cat(rec.rows)
     np.testing.assert_array_equal(rows[starts].numpy(), [b * T + 2 for b in range(B)])
+
+
+def test_target_only_mixing_equals_full_at_the_targets(setup):
+    """--knn-mix target: each scored row's target gets exactly the full mix's value; other words keep the LM's."""
+    _, retriever, tokens, target = setup
+    lm, full = run(setup, [KnnSearch(retriever, "last_ffn_input"), KnnMixer(LMBDA, TEMP, "exact")], chunks=2)
+    _, fast = run(setup, [KnnSearch(retriever, "last_ffn_input"), KnnMixer(LMBDA, TEMP, "exact", target_only=True)],
+                  chunks=2)
+    s = scored_rows(setup)
+    t = target.reshape(-1)
+    rows = torch.arange(B * T)[torch.from_numpy(s)]
+    torch.testing.assert_close(fast[rows, t[rows]], full[rows, t[rows]], rtol=0, atol=2e-6)
+    untouched = torch.ones_like(fast, dtype=torch.bool)
+    untouched[rows, t[rows]] = False
+    assert torch.equal(fast[untouched], lm[untouched])

@@ -51,11 +51,16 @@ class KnnSearch(Component):
 
 class KnnMixer(Component):
     """p = λ·p_kNN + (1-λ)·p on the rows that found a neighbour; λ is step.lmbda per row when a component set
-    it, else this mixer's own. kind: which distances p_kNN uses ('exact' or 'approx')."""
+    it, else this mixer's own. kind: which distances p_kNN uses ('exact' or 'approx').
 
-    def __init__(self, lmbda: float, temp: float, kind: str, chunk: int = 256):
+    target_only: interpolate only each row's target (all fairseq-eval-lm reads, and all the original kNN-LM code
+    computes); the row's other words keep the LM's log-probs. The perplexity and word probabilities are the same;
+    the rows are no longer distributions, as fairseq's own adaptive softmax leaves them when given a target.
+    """
+
+    def __init__(self, lmbda: float, temp: float, kind: str, chunk: int = 256, target_only: bool = False):
         knn.check_lmbda(lmbda)
-        self.lmbda, self.temp, self.kind = lmbda, temp, kind
+        self.lmbda, self.temp, self.kind, self.target_only = lmbda, temp, kind, target_only
         self.chunk = chunk  # mixed rows per step: 256 x V floats (34 MB at V = 33k)
         self.timer = Timed()
 
@@ -72,7 +77,13 @@ class KnnMixer(Component):
                 mix &= step.lmbda > 0
             sel = mix.nonzero().squeeze(1)
             lam = step.lmbda[sel] if per_row else self.lmbda
-            knn.mix_rows(step.lp, step.rows[sel], dists[sel], nb.values.to(dev)[sel], lam, self.temp, self.chunk)
+            if self.target_only and step.target is not None:
+                rows, tgt = step.rows[sel], step.target[sel]
+                knn_lp = knn.knn_target_log_probs(dists[sel], nb.values.to(dev)[sel], tgt, self.temp)  # (S,)
+                at = step.lp[rows, tgt].float()
+                step.lp[rows, tgt] = knn.interpolate(at, knn_lp, lam).to(step.lp.dtype)
+            else:
+                knn.mix_rows(step.lp, step.rows[sel], dists[sel], nb.values.to(dev)[sel], lam, self.temp, self.chunk)
 
     def close(self) -> Dict:
         return self.timer.stats()

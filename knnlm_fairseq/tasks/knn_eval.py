@@ -115,6 +115,11 @@ class KnnEvalConfig(LanguageModelingConfig):
     )
     knn_gate_edges: str = field(default="", metadata={"help": "comma-separated increasing bucket edges of the signal"})
     knn_gate_lmbdas: str = field(default="", metadata={"help": "comma-separated λ per bucket (one more than edges)"})
+    knn_mix: ChoiceEnum(["full", "target"]) = field(
+        default="full",
+        metadata={"help": "full: interpolate every word of each scored row (a distribution); target: only the target, "
+                          "all fairseq-eval-lm reads (same perplexity and word probabilities, as the paper's code)"},
+    )
     knn_threads: int = field(default=0, metadata={"help": "faiss search threads (0: faiss's default, all cores)"})
     knn_gpu: bool = field(default=False, metadata={"help": "search a copy of the index on the GPU (faiss-gpu)"})
     dstore_in_memory: bool = field(
@@ -222,7 +227,7 @@ class KnnEvalTask(LanguageModelingTask):
             out.append(KnnSearch(self.retriever, key_type, both_distances=bool(a.save_retrieval)))
             if a.save_retrieval:
                 out.append(RetrievalRecorder(self._retrieval_log(split), key_type))
-            out.append(KnnMixer(a.lmbda, a.knn_temp, str(a.knn_dist)))
+            out.append(KnnMixer(a.lmbda, a.knn_temp, str(a.knn_dist), target_only=str(a.knn_mix) == "target"))
         if a.cache_size:
             out.append(CacheMixer(str(a.cache_keytype), a.cache_size, a.cache_theta, a.cache_lmbda))
             if a.save_cache:
