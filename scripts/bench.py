@@ -70,7 +70,7 @@ def main(argv=None):
         "base": [],
         "paper_exact": knn_flags(a, None, a.lmbda, a.probe, "exact"),
         "paper_approx": knn_flags(a, None, a.approx_lmbda, a.probe, "approx"),
-        "fast": ["--knnlm", "--dstore-dir", a.dstore, "--knn-settings", tuned],
+        "fast": ["--knnlm", "--dstore-dir", a.dstore, "--knn-settings", tuned, "--knn-mix", "target"],
     }
     runs = {}
     for split in splits:

@@ -37,14 +37,15 @@ def get_parser():
     p.add_argument("--knn-temp", type=float, default=10.0)
     p.add_argument("--probe", type=int)
     p.add_argument("--knn-dist", choices=["exact", "approx"])
+    p.add_argument("--knn-mix", choices=["full", "target"], help="interpolate every word, or only the target")
     p.add_argument("--eval-tokens", type=int, default=0, help="evaluate only the split's first blocks (0: all)")
     return p
 
 
 # λ for each distance kind as make wikitext2's sweep tuned it on valid (results/wikitext2): 0.3 approx, 0.25 exact
 PRESETS = {
-    "fast": dict(factory="IVF1024,PQ64x4fs", probe=8, knn_dist="approx", lmbda=0.3),
-    "paper": dict(factory="IVF1024,PQ32", probe=32, knn_dist="exact", lmbda=0.25),
+    "fast": dict(factory="IVF1024,PQ64x4fs", probe=8, knn_dist="approx", lmbda=0.3, knn_mix="target"),
+    "paper": dict(factory="IVF1024,PQ32", probe=32, knn_dist="exact", lmbda=0.25, knn_mix="full"),
 }
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
     base = C.eval_numbers(stages.run("eval_base", C.Command(C.eval_lm(*window(a.eval_split, True)) + C.KNN_TASK)))
     knnlm = C.eval_numbers(stages.run("eval_knnlm", C.knn_eval(
         *window(a.eval_split, True), dstore=a.dstore_dir, index_file=index_file, k=a.k, lmbda=a.lmbda, temp=a.knn_temp,
-        probe=a.probe, dist=a.knn_dist)))
+        probe=a.probe, dist=a.knn_dist, extra=["--knn-mix", a.knn_mix])))
     metrics = {
         "split": a.eval_split, "base_ppl": base["ppl"], "knnlm_ppl": knnlm["ppl"], "n_tokens": base["tokens"],
         "dstore_n": manifest["count"], "dstore_split": manifest["split"], "dstore_dim": manifest["dim"],
