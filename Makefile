@@ -73,7 +73,7 @@ browser:
 	@/usr/bin/chromedriver --version
 
 test:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 test-unit:
 	$(BIN)/python -m pytest -q tests -m "not slow"

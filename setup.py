@@ -18,7 +18,7 @@ setup(
         "tqdm",
     ],
     # faiss comes from the Makefile (FAISS=faiss-cpu, or faiss-gpu on CUDA machines): pip cannot pick one for you
-    extras_require={"test": ["pytest", "selenium>=4.11"], "lint": ["ruff"], "cpu": ["faiss-cpu>=1.8"]},
+    extras_require={"test": ["pytest", "pytest-xdist>=3.5", "selenium>=4.11"], "lint": ["ruff"], "cpu": ["faiss-cpu>=1.8"]},
     entry_points={
         "console_scripts": [
             "knnlm-build-index = knnlm_fairseq.cli.build_index:main",

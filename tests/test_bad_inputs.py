@@ -6,6 +6,8 @@ import torch
 
 from clis import USER_DIR, run_cli
 
+pytestmark = pytest.mark.slow  # starts fairseq-eval-lm
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

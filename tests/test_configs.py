@@ -8,6 +8,8 @@ import yaml
 
 from clis import ROOT, SHARED, USER_DIR, run_cli
 
+pytestmark = pytest.mark.slow  # starts fairseq CLIs
+
 CONFIG = os.path.join(ROOT, "config")
 RECIPE = os.path.join(SHARED, "models", "wt2-small", "RECIPE.md")
 

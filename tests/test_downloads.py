@@ -15,6 +15,8 @@ import pytest
 from clis import BIN, ROOT
 from httpd import Site
 
+pytestmark = pytest.mark.slow  # runs make targets
+
 ZIP, CKPT = "/mirror/wikitext-103-v1.zip", "/ckpt/adaptive_lm_wiki103.v2.tar.bz2"
 DEAD, CORRUPT, FLAKY = "/dead/wikitext-103-v1.zip", "/corrupt/wikitext-103-v1.zip", "/flaky/wikitext-103-v1.zip"
 SKIP_HEAVY = ["WT103_REQUIRE_GPU=0", "WT103_NEED_GB=0", "WT103_NEED_DATA_GB=0", "WT103_NEED_RAM_GB=0"]

@@ -16,6 +16,8 @@ import pytest
 import clis
 from clis import USER_DIR, evaluated_tokens, loss_and_ppl
 
+pytestmark = pytest.mark.slow  # starts fairseq CLIs
+
 TPS, CW = 128, 64  # eval blocks of 128 tokens, 64 of them context: 64 scored per block
 LMBDA, TEMP, K = 0.9, 0.1, 64  # the kNN run over a datastore of the evaluated split itself
 DIM = 32  # knnlm_tiny's width

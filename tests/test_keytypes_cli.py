@@ -16,6 +16,8 @@ from clis import USER_DIR, evaluated_tokens
 
 from knnlm_fairseq.core.keys import KEY_TYPES
 
+pytestmark = pytest.mark.slow  # starts fairseq CLIs
+
 TPS = 128  # with --context-window 0 the whole valid split (< 128 tokens) is one block: easy to replay in-process
 DIM = 32  # knnlm_tiny's width: every key type lies in the residual width
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two runs at a time on 2 cores

@@ -11,7 +11,7 @@ import torch
 
 from clis import USER_DIR, WT2_CKPT, binarize_wt2_slice, loss_and_ppl, run_cli
 
-pytestmark = pytest.mark.skipif(not os.path.exists(WT2_CKPT), reason="../shared/models/wt2-small is not present")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(WT2_CKPT), reason="../shared/models/wt2-small is not present")]
 
 GROUPS_FLAT = ("common", "common_eval", "distributed_training", "dataset", "optimization", "checkpoint")
 GROUPS_NAMED = {"task": "task", "model": "arch", "criterion": "criterion", "optimizer": "optimizer",

@@ -10,6 +10,8 @@ import pytest
 
 from clis import BIN, ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm
 
+pytestmark = pytest.mark.slow  # starts fairseq CLIs
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(WT2_CKPT), reason="../shared/models/wt2-small is not present")]
 
 
-DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")))
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
 
 
 def readme_block(name: str) -> str:

@@ -7,6 +7,8 @@ import yaml
 
 from clis import ROOT, USER_DIR, run_cli
 
+pytestmark = pytest.mark.slow  # starts fairseq CLIs
+
 CONFIG = os.path.join(ROOT, "config")
 
 
