@@ -95,19 +95,28 @@ def replay(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_f
     return np.concatenate(keys), np.concatenate(lps)
 
 
-def knnlm_oracle(queries, keys, vals, targets, lm_lp, k: int, temp: float, lmbda: float, sim: str = "l2",
-                 neighbours=None):
-    """log(λ p_kNN + (1-λ) p_LM) of each target, float64 brute force; p_kNN ∝ exp(-d/T) over the k nearest,
-    d the squared L2 distance or the negated dot product. neighbours (n, k): use these rows instead of the nearest."""
-    q, x = queries.astype(np.float64), keys.astype(np.float64)
-    dots = q @ x.T  # (n, N)
-    d = ((q**2).sum(1)[:, None] + (x**2).sum(1)[None] - 2 * dots) if sim == "l2" else -dots
-    nn = np.argsort(d, axis=1, kind="stable")[:, :k] if neighbours is None else neighbours  # (n, k)
-    dn = np.take_along_axis(d, nn, 1)
-    w = np.exp(-(dn - dn.min(1, keepdims=True)) / temp)
-    p_knn = (w * (vals[nn] == targets[:, None])).sum(1) / w.sum(1)  # (n,)
+def mix(dists, values, targets, lm_lp, temp: float, lmbda: float):
+    """log(λ p_kNN + (1-λ) p_LM) of each target from its neighbours' distances and values (n, k), float64."""
+    d = np.asarray(dists, dtype=np.float64)
+    w = np.exp(-(d - d.min(1, keepdims=True)) / temp)  # (n, k)
+    p_knn = (w * (values == targets[:, None])).sum(1) / w.sum(1)  # (n,)
     with np.errstate(divide="ignore"):
         return np.logaddexp(np.log(lmbda) + np.log(p_knn), np.log(1 - lmbda) + lm_lp)
+
+
+def distances(queries, keys, sim: str = "l2"):
+    """(n, N) float64: squared L2, or the negated dot product (smaller is closer either way)."""
+    q, x = queries.astype(np.float64), keys.astype(np.float64)
+    dots = q @ x.T
+    return ((q**2).sum(1)[:, None] + (x**2).sum(1)[None] - 2 * dots) if sim == "l2" else -dots
+
+
+def knnlm_oracle(queries, keys, vals, targets, lm_lp, k: int, temp: float, lmbda: float, sim: str = "l2",
+                 neighbours=None):
+    """Brute-force kNN-LM: the k nearest keys of each query (or the given neighbour rows (n, k)), p_kNN ∝ exp(-d/T)."""
+    d = distances(queries, keys, sim)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k] if neighbours is None else neighbours  # (n, k)
+    return mix(np.take_along_axis(d, nn, 1), vals[nn], targets, lm_lp, temp, lmbda)
 
 
 # ---- the CLI runs ------------------------------------------------------------------------------------
