@@ -5,16 +5,18 @@ One tiny model and one train-split datastore (plus one float32 dump of another k
 valid is scored against them. The oracle replays the checkpoint in-process (test_alignment_cli.replay) and, for
 IVF-PQ indexes, asks faiss itself for the neighbour rows and approximate distances.
 
-Plumbing broken once by hand in this branch (then reverted), and the test that failed:
-  --knn-dist          tasks/knn_eval.py:251 KnnMixer(..., "exact", ...) whatever the flag ->
-                      test_knn_dist_exact_and_approx_on_ivfpq[approx]
-  --probe             tasks/knn_eval.py:147 open_retriever(..., 32, ...) whatever the flag ->
-                      test_probe_sets_nprobe[1] and [8]
-  --knn-temp          tasks/knn_eval.py:251 KnnMixer(a.lmbda, 1.0, ...) -> test_knn_temp_moves_perplexity_as_predicted
-  --knn-keytype       tasks/knn_eval.py:249 KnnSearch(self.retriever, "last_ffn_input") at evaluation ->
-                      test_knn_keytype_at_evaluation
-  --dstore-key-dtype  tasks/knn_eval.py:277 DatastoreWriter(..., key_dtype="float16") -> test_dstore_key_dtype_float32
-  --knn-sim           tasks/knn_eval.py:148 metric=None whatever the flag -> test_inner_product_end_to_end (the
+Plumbing broken once by hand in this branch (each alone, then reverted), and the tests that failed:
+  --knn-dist          tasks/knn_eval.py:172 exact=True and :230 KnnMixer(..., "exact", ...) whatever the flag ->
+                      test_knn_dist_exact_and_approx_on_ivfpq[approx], test_probe_sets_nprobe[1, 8] (approx runs)
+  --probe             tasks/knn_eval.py:172 open_retriever(..., a.k, 32, ...) whatever the flag ->
+                      test_probe_sets_nprobe[1]
+  --knn-temp          tasks/knn_eval.py:230 KnnMixer(a.lmbda, 1.0, ...) -> every oracle comparison, among them
+                      test_knn_temp_moves_perplexity_as_predicted
+  --knn-keytype       tasks/knn_eval.py:227 KnnSearch(self.retriever, "last_ffn_input", ...) at evaluation ->
+                      test_knn_keytype_at_evaluation (the refusal alone still passed: it reads the flag elsewhere)
+  --dstore-key-dtype  tasks/knn_eval.py:263 DatastoreWriter(..., key_dtype="float16") -> test_dstore_key_dtype_float32
+                      (and the keytype test's float32 comparison)
+  --knn-sim           tasks/knn_eval.py:173 metric=None whatever the flag -> test_inner_product_end_to_end (the
                       l2-on-an-ip-index run was not refused)
 """
 import json
