@@ -1,0 +1,230 @@
+"""Evaluation flags that could parse and never reach the code, each proven through the real CLIs by an effect a
+numpy oracle predicts: --knn-dist, --probe, --knn-temp, --knn-keytype, --dstore-key-dtype and --knn-sim.
+
+One tiny model and one train-split datastore (plus one float32 dump of another key type) serve every test;
+valid is scored against them. The oracle replays the checkpoint in-process (test_alignment_cli.replay) and, for
+IVF-PQ indexes, asks faiss itself for the neighbour rows and approximate distances.
+
+Plumbing broken once by hand in this branch (each alone, then reverted), and the tests that failed:
+  --knn-dist          tasks/knn_eval.py:172 exact=True and :230 KnnMixer(..., "exact", ...) whatever the flag ->
+                      test_knn_dist_exact_and_approx_on_ivfpq[approx], test_probe_sets_nprobe[1, 8] (approx runs)
+  --probe             tasks/knn_eval.py:172 open_retriever(..., a.k, 32, ...) whatever the flag ->
+                      test_probe_sets_nprobe[1]
+  --knn-temp          tasks/knn_eval.py:230 KnnMixer(a.lmbda, 1.0, ...) -> every oracle comparison, among them
+                      test_knn_temp_moves_perplexity_as_predicted
+  --knn-keytype       tasks/knn_eval.py:227 KnnSearch(self.retriever, "last_ffn_input", ...) at evaluation ->
+                      test_knn_keytype_at_evaluation (the refusal alone still passed: it reads the flag elsewhere)
+  --dstore-key-dtype  tasks/knn_eval.py:263 DatastoreWriter(..., key_dtype="float16") -> test_dstore_key_dtype_float32
+                      (and the keytype test's float32 comparison)
+  --knn-sim           tasks/knn_eval.py:173 metric=None whatever the flag -> test_inner_product_end_to_end (the
+                      l2-on-an-ip-index run was not refused)
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+
+import clis
+from clis import USER_DIR, evaluated_tokens, loss_and_ppl
+from test_alignment_cli import distances, knnlm_oracle, load_model, mix, replay, split_stream
+from test_e2e_cli import assert_refused, parallel, sentences, word_probs
+
+TPS, CW, BSZ = 32, 16, 4
+K, LMBDA = 8, 0.5
+TEMPS = (0.5, 5.0)  # two temperatures far enough apart to move perplexity well beyond the printed precision
+IP_TEMP = 20.0  # dot products of layer-normed 32-dim states span tens
+NLIST = 8  # IVF8,PQ4x4: 4-bit codes train in a blink; probing 1 of 8 lists misses neighbours
+
+
+def run_cli(name: str, *args, check: bool = True):
+    return clis.run_cli(name, *args, check=check, env=clis.ONE_THREAD)
+
+
+def build_index(dstore: str, *flags):
+    return run_cli("knnlm-build-index", dstore, "--threads", "1", "--no-progress-bar", *flags)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flags")
+    for split, seed, n in (("train", 0, 40), ("valid", 1, 12)):
+        (root / f"{split}.txt").write_text("\n".join(sentences(seed, n)) + "\n")
+    data = root / "bin"
+    run_cli("fairseq-preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref",
+            root / "valid.txt", "--destdir", data, "--workers", "1")
+    run_cli("fairseq-train", data, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
+            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", 64,
+            "--max-update", 10, "--save-dir", root / "ckpt", "--no-epoch-checkpoints", "--disable-validation",
+            "--num-workers", "0", "--seed", "1", "--cpu", "--no-progress-bar")
+    w = SimpleNamespace(root=root, data=data, ckpt=str(root / "ckpt" / "checkpoint_last.pt"),
+                        main=str(root / "dstore"), other=str(root / "dstore-other"))
+    dump = ("--gen-subset", "train", "--save-dstore", "--dstore-dir")
+
+    def main():
+        proc = eval_lm(w, *dump, w.main)
+        for flags in (("--factory", "Flat"), ("--factory", f"IVF{NLIST},PQ4x4", "--output", "ivfpq.faiss"),
+                      ("--factory", "Flat", "--metric", "ip", "--output", "ip.faiss")):
+            build_index(w.main, *flags)
+        return proc
+
+    def other():  # the two non-default dump flags in one dump: each has its own test
+        proc = eval_lm(w, *dump, w.other, "--knn-keytype", "second_last_block_output", "--dstore-key-dtype", "float32")
+        build_index(w.other, "--factory", "Flat")
+        return proc
+
+    w.dump_main, w.dump_other = parallel(main, other)
+
+    def knn(dstore, *extra, temp=TEMPS[0]):
+        return lambda: eval_lm(w, "--knnlm", "--dstore-dir", dstore, "--k", K, "--lmbda", LMBDA, "--knn-temp", temp,
+                               "--knn-threads", 1, "--output-word-probs", *extra, check=False)
+
+    ivf = ("--index-file", "ivfpq.faiss")
+    calls = {
+        "temp0": knn(w.main), "temp1": knn(w.main, temp=TEMPS[1]),
+        "ivf_exact": knn(w.main, *ivf, "--probe", NLIST, "--knn-dist", "exact"),
+        "ivf_approx": knn(w.main, *ivf, "--probe", NLIST, "--knn-dist", "approx"),
+        "ivf_probe1": knn(w.main, *ivf, "--probe", 1, "--knn-dist", "approx"),
+        "ip": knn(w.main, "--index-file", "ip.faiss", "--knn-sim", "ip", temp=IP_TEMP),
+        "ip_as_l2": knn(w.main, "--index-file", "ip.faiss", "--knn-sim", "l2"),
+        "other": knn(w.other, "--knn-keytype", "second_last_block_output"),
+        "other_as_default": knn(w.other),
+    }
+    w.runs = dict(zip(calls, parallel(*calls.values())))
+
+    model, task = load_model(w.ckpt)
+    w.train = split_stream(data, "train", task.dictionary)
+    w.valid = split_stream(data, "valid", task.dictionary)
+    w.train_keys, _ = replay(model, w.train, TPS, CW)
+    w.valid_keys, w.valid_lm = replay(model, w.valid, TPS, CW)
+    w.train_other, _ = replay(model, w.train, TPS, CW, "second_last_block_output")
+    w.valid_other, _ = replay(model, w.valid, TPS, CW, "second_last_block_output")
+    return w
+
+
+def eval_lm(w, *flags, check: bool = True):
+    split = () if "--gen-subset" in flags else ("--gen-subset", "valid")
+    return run_cli("fairseq-eval-lm", w.data, "--path", w.ckpt, "--user-dir", USER_DIR, "--task", "knn_eval",
+                   *split, "--tokens-per-sample", TPS, "--context-window", CW, "--batch-size", BSZ, "--cpu",
+                   "--no-progress-bar", *flags, check=check)
+
+
+def printed(proc):
+    """Word log-probs and base-2 loss of a run that must have succeeded."""
+    assert proc.returncode == 0, proc.output[-3000:]
+    _, lp, _ = word_probs(proc.output)
+    return lp, loss_and_ppl(proc.output)[0]
+
+
+def assert_matches(proc, expected, tol: float = 1e-4):
+    """Every printed word log-prob (6 decimals) and the loss (4 decimals) as the oracle's."""
+    lp, loss = printed(proc)
+    assert len(lp) == len(expected) == evaluated_tokens(proc.output)
+    err = np.abs(lp - expected)
+    assert err.max() < tol, (err.max(), int(np.argmax(err)))
+    assert abs(loss + expected.mean() / np.log(2)) < 2e-4, (loss, -expected.mean() / np.log(2))
+
+
+def ivf_search(w, nprobe: int):
+    """The IVF-PQ index's own neighbours of the replayed valid queries: rows (n, K) and approximate distances."""
+    faiss.omp_set_num_threads(1)
+    index = faiss.read_index(os.path.join(w.main, "ivfpq.faiss"))
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    dists, ids = index.search(np.ascontiguousarray(w.valid_keys, dtype=np.float32), K)
+    assert (ids >= 0).all()
+    return ids, dists
+
+
+def stored_keys(w, dstore=None):
+    return np.load(os.path.join(dstore or w.main, "keys.npy"))
+
+
+# ---- --knn-dist and --probe on an IVF-PQ index ------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("dist", ["exact", "approx"])
+def test_knn_dist_exact_and_approx_on_ivfpq(world, dist):
+    """Same neighbours (the index's), p_kNN from recomputed or from the index's quantized distances."""
+    meta = json.load(open(os.path.join(world.main, "ivfpq.faiss.json")))
+    assert meta["factory_used"] == f"IVF{NLIST},PQ4x4"
+    ids, approx = ivf_search(world, NLIST)
+    exact = np.take_along_axis(distances(world.valid_keys, stored_keys(world)), ids, 1)
+    oracles = {"exact": mix(exact, world.train[ids], world.valid, world.valid_lm, TEMPS[0], LMBDA),
+               "approx": mix(approx, world.train[ids], world.valid, world.valid_lm, TEMPS[0], LMBDA)}
+    assert np.abs(oracles["exact"] - oracles["approx"]).max() > 0.1  # PQ's distances are far from exact ones
+    proc = world.runs[f"ivf_{dist}"]
+    assert f"{dist} distances" in proc.output
+    assert_matches(proc, oracles[dist])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nprobe", [1, NLIST])
+def test_probe_sets_nprobe(world, nprobe):
+    """One list probed finds other neighbours than all lists, and the run says which nprobe it used."""
+    run = world.runs["ivf_probe1" if nprobe == 1 else "ivf_approx"]
+    assert f"nprobe={nprobe}," in run.output
+    expected = {n: mix(d, world.train[ids], world.valid, world.valid_lm, TEMPS[0], LMBDA)
+                for n, (ids, d) in ((n, ivf_search(world, n)) for n in (1, NLIST))}
+    assert np.abs(expected[1] - expected[NLIST]).max() > 0.1  # recall differs: one list misses neighbours
+    assert_matches(run, expected[nprobe])
+
+
+# ---- --knn-temp on a Flat index with exact distances -------------------------------------------------
+@pytest.mark.slow
+def test_knn_temp_moves_perplexity_as_predicted(world):
+    keys = stored_keys(world)
+    expected = [knnlm_oracle(world.valid_keys, keys, world.train, world.valid, world.valid_lm, K, t, LMBDA)
+                for t in TEMPS]
+    assert abs(expected[0].mean() - expected[1].mean()) / np.log(2) > 0.01  # the loss moves 50x its precision
+    for t, name, exp in zip(TEMPS, ("temp0", "temp1"), expected):
+        assert f"T={t}," in world.runs[name].output
+        assert_matches(world.runs[name], exp)
+    assert printed(world.runs["temp0"])[1] != printed(world.runs["temp1"])[1]
+
+
+# ---- --knn-keytype at evaluation ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_knn_keytype_at_evaluation(world):
+    """A datastore of another key type: its keys are that state, the matching flag scores as the oracle over
+    those states, and the default key type is refused."""
+    m = json.load(open(os.path.join(world.other, "manifest.json")))
+    assert m["key_type"] == "second_last_block_output" and m["count"] == len(world.train)
+    keys = stored_keys(world, world.other)
+    np.testing.assert_allclose(keys, world.train_other, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(keys, stored_keys(world), atol=1e-1)  # another point of the network
+    expected = knnlm_oracle(world.valid_other, keys, world.train, world.valid, world.valid_lm, K, TEMPS[0], LMBDA)
+    assert_matches(world.runs["other"], expected, tol=5e-4)  # unnormalized states: larger float32 distance error
+    assert_refused(world.runs["other_as_default"],
+                   r"holds 'second_last_block_output' keys but 'last_ffn_input' was asked; "
+                   r"pass --knn-keytype second_last_block_output")
+
+
+# ---- --dstore-key-dtype ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_dstore_key_dtype_float32(world):
+    keys = stored_keys(world, world.other)
+    m = json.load(open(os.path.join(world.other, "manifest.json")))
+    assert keys.dtype == np.float32 and m["key_dtype"] == "float32" and m["count"] == len(world.train)
+    assert stored_keys(world).dtype == np.float16  # the default
+    # batched vs one-block forwards: float32 rounding only; fp16 storage would be off 10x more
+    err = np.abs(keys - world.train_other).max()
+    assert err < np.abs(world.train_other.astype(np.float16) - world.train_other).max() / 10, err
+    np.testing.assert_array_equal(np.load(os.path.join(world.other, "vals.npy")), world.train)
+
+
+# ---- inner product -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_inner_product_end_to_end(world):
+    """An index built with --metric ip, evaluated with --knn-sim ip: p_kNN ∝ exp(q·k / T) over the k largest
+    dot products; asking for L2 on it is refused."""
+    meta = json.load(open(os.path.join(world.main, "ip.faiss.json")))
+    assert meta["metric"] == "ip" and meta["factory_used"] == "Flat"
+    keys = stored_keys(world)
+    expected = knnlm_oracle(world.valid_keys, keys, world.train, world.valid, world.valid_lm, K, IP_TEMP, LMBDA,
+                            sim="ip")
+    l2 = knnlm_oracle(world.valid_keys, keys, world.train, world.valid, world.valid_lm, K, IP_TEMP, LMBDA)
+    assert np.abs(expected - l2).max() > 0.1  # the two similarities disagree on this data
+    assert ", ip, exact distances" in world.runs["ip"].output
+    assert_matches(world.runs["ip"], expected)
+    assert_refused(world.runs["ip_as_l2"], r"was built for 'ip' similarity, not 'l2'; pass --knn-sim ip")
