@@ -4,6 +4,9 @@ Each keeps `len()` and `.n` so fairseq's progress bar and logging work unchanged
 """
 import logging
 
+import numpy as np
+from fairseq.data import BaseWrapperDataset
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,3 +100,12 @@ class FirstTokens(_Wrapper):
         if sample:
             self.scored += int(sample["target"].ne(self.pad).sum())
         return sample
+
+
+class InTextOrder(BaseWrapperDataset):
+    """A split's blocks in text order. Without a context window fairseq-eval-lm batches a split in a seeded shuffle
+    sorted by size (LMContextWindowDataset, used only for a context window > 0, keeps the order); our files need
+    row i to be token i of the split (knnlm-inspect's contexts, subsets' slices, retrieval logs)."""
+
+    def ordered_indices(self):
+        return np.arange(len(self), dtype=np.int64)
