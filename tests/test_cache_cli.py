@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clis import ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm
+from test_e2e_cli import word_probs
 
 pytestmark = pytest.mark.slow  # starts fairseq CLIs
 
@@ -16,11 +17,13 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
     rng = np.random.default_rng(0)
     random_lines(tmp / "train.txt", rng, 300, 200)
-    # valid: every line said twice, as names and phrases recur within a document (well inside one block)
+    # valid: every line said twice, as names and phrases recur within a document (well inside one block);
+    # train holds each line once more, so the datastore knows what follows and kNN-LM helps too (tuned λ > 0)
+    lines = [" ".join(f"w{i}" for i in rng.integers(0, 200, size=10)) for _ in range(30)]
     with open(tmp / "valid.txt", "w") as f:
-        for _ in range(30):
-            line = " ".join(f"w{i}" for i in rng.integers(0, 200, size=10))
-            f.write(f"{line} {line}\n")
+        f.writelines(f"{line} {line}\n" for line in lines)
+    with open(tmp / "train.txt", "a") as f:
+        f.writelines(f"{line}\n" for line in lines)
     tiny_lm(tmp, tmp / "valid.txt", max_update=30)
     ev = common(tmp, "train")
     run_cli(*ev, "--save-dstore", "--dstore-dir", tmp / "dstore", env=ONE_THREAD)
@@ -42,8 +45,12 @@ KNN = ["--knnlm", "--k", 16, "--lmbda", 0.25, "--knn-temp", 3]
 
 
 def test_cache_weight_zero_is_knnlm_exactly(setup):
-    dstore = ["--dstore-dir", setup / "dstore"]
-    assert ppl(setup, *KNN, *dstore, "--cache-size", 64, "--cache-lmbda", 0) == ppl(setup, *KNN, *dstore)
+    dstore = ["--dstore-dir", setup / "dstore", "--output-word-probs"]
+    knn = run_cli(*common(setup), *KNN, *dstore, env=ONE_THREAD).output
+    zero = run_cli(*common(setup), *KNN, *dstore, "--cache-size", 64, "--cache-lmbda", 0, env=ONE_THREAD).output
+    assert loss_and_ppl(zero) == loss_and_ppl(knn)
+    words, _, printed = word_probs(knn)
+    assert len(words) > 500 and word_probs(zero)[2] == printed  # every word's probability, digit for digit
 
 
 def test_cache_helps_on_repeating_text_and_sweep_matches_eval_lm(setup):
@@ -67,6 +74,8 @@ def test_cache_helps_on_repeating_text_and_sweep_matches_eval_lm(setup):
     both = ppl(setup, "--knnlm", "--k", 16, "--lmbda", kc["lmbda"], "--knn-temp", 3, "--dstore-dir", setup / "dstore",
                "--cache-size", 95, "--cache-lmbda", kc["mu"], "--cache-theta", kc["theta"])
     assert math.isclose(row["knn_cache"], both, rel_tol=1e-4), (row["knn_cache"], both)
+    # both parts at work: a λ of 0 or a μ of 0 would make this the cache or kNN-LM alone under another name
+    assert kc["lmbda"] > 0 and kc["mu"] > 0 and both < cached, (kc, both, cached)
 
 
 def test_save_cache_refuses_knnlm(setup):

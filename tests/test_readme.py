@@ -58,7 +58,10 @@ def test_preprocess_block_binarizes_with_the_checkpoint_dictionary(wt2_slice):
 
 def test_train_block_trains_a_registered_architecture(wt2_slice):
     root, data = wt2_slice
-    run_block("train", DATA=str(data), EPOCHS="1", SAVE=str(root / "ckpt"))
+    out = run_block("train", DATA=str(data), EPOCHS="1", SAVE=str(root / "ckpt"))
+    assert "'model': {'_name': 'knnlm_wt2_small'" in out  # the plugin's architecture, as fairseq resolved it
+    assert "'criterion': {'_name': 'adaptive_loss'" in out
+    assert re.search(r"end of epoch 1 \(average epoch stats below\)", out) and "done training" in out
     assert (root / "ckpt" / "checkpoint_last.pt").exists()
 
 
@@ -66,12 +69,21 @@ def test_knnlm_block_dumps_indexes_and_evaluates(wt2_slice):
     root, data = wt2_slice
     dstore = root / "dstore"
     out = run_block("knnlm", CKPT=WT2_CKPT, DATA=str(data), DSTORE=str(dstore))
+    dumped, recorded, tested = [int(n.replace(",", "")) for n in re.findall(r"Evaluated ([0-9,]+) tokens", out)]
     manifest = json.loads((dstore / "manifest.json").read_text())
-    assert manifest["split"] == "train" and manifest["count"] > 1024
-    assert (dstore / "index.faiss").exists()
-    assert "kNN-LM:" in out  # the interpolating run, not a plain one
-    _, ppl = loss_and_ppl(out)
-    assert 1 < ppl < 10_000
+    assert manifest["split"] == "train" and manifest["count"] == dumped > 10_000  # a row per scored train token
+    sidecar = json.loads((dstore / "index.faiss.json").read_text())
+    assert sidecar["factory"].endswith(",PQ64x4fs") and sidecar["factory"].startswith("IVF")  # lists scaled down
+    # the sweep tuned on the recorded valid pass, with λ = 0 in its grid: never worse than the LM there
+    lm_lp = np.load(dstore / "retrieval-valid" / "lm_lp.npy").astype(np.float64)
+    assert len(lm_lp) == recorded
+    tuned = json.loads((dstore / "tuned.json").read_text())
+    assert tuned["tuned_ppl"] <= np.exp(-lm_lp.mean()) * (1 + 1e-6), (tuned["tuned_ppl"], np.exp(-lm_lp.mean()))
+    # the test pass ran with exactly the tuned settings
+    s = tuned["knnlm"]
+    settings_line = re.findall(r"kNN-LM: .*", out)[-1]
+    assert f"k={s['k']}, lmbda={s['lmbda']}, T={s['knn_temp']}, nprobe={s['probe']}" in settings_line, settings_line
+    assert tested > 1000 and np.isfinite(loss_and_ppl(out)[1])
 
 
 def test_sweep_block_records_both_splits_and_tunes(wt2_slice):
