@@ -38,6 +38,9 @@ def get_parser():
     p.add_argument("--buckets", type=int, default=10)
     p.add_argument("--max-ppl-increase", type=float, default=0.5,
                    help="the sweep's budget on the tune split, percent over the best exact setting of the fast log")
+    p.add_argument("--pointers", default="128,256,512",
+                   help="pointer reuse (RetoMaton) simulated on the tune log: minimum surviving pointers ('' skips)")
+    p.add_argument("--pointer-tokens", type=int, default=20000, help="tune-log tokens the pointer simulation replays")
     p.add_argument("--threads", type=int, default=0, help="faiss search threads (0: faiss's default)")
     return p
 
@@ -62,9 +65,11 @@ def main(argv=None):
                                          extra=[*limit, "--knn-threads", a.threads]))
     tuned = os.path.join(a.work, "tuned.json")
     sweep = os.path.join(a.work, "sweep-fast.json")
-    stages.run("tune_fast", C.sweep([tune_log], sweep, a.lmbdas, [k for k in (64, 128, 256, 512, 1024) if k <= a.fast_k],
+    stages.run("tune_fast", C.sweep([tune_log], sweep, a.lmbdas, [k for k in (64, 128, 256, 512, 1024) if k <= a.fast_k] or [a.fast_k],
                                     a.temps, extra=["--gates", a.gates, "--buckets", a.buckets, "--write-settings",
-                                                    tuned, "--max-ppl-increase", a.max_ppl_increase]))
+                                                    tuned, "--max-ppl-increase", a.max_ppl_increase,
+                                                    *(["--pointers", a.pointers, "--pointer-tokens", a.pointer_tokens]
+                                                      if a.pointers else [])]))
 
     rows = {
         "base": [],
@@ -106,7 +111,7 @@ def summary_of(sweep):
                  for r in sweep.get("adaptive", {}).get("rows", []) if (r["kind"], r["k"]) == (chosen["kind"],
                                                                                                 chosen["k"])]
     return {"chosen": chosen, "frontiers": frontiers, "n_tokens": sweep["logs"][0]["n_tokens"],
-            "base_ppl": sweep["logs"][0]["base_ppl"]}
+            "base_ppl": sweep["logs"][0]["base_ppl"], "pointers": sweep.get("pointers", [])}
 
 
 if __name__ == "__main__":

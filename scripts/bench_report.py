@@ -18,13 +18,14 @@ def searched(run):
 
 
 def split_of_time(run):
-    """Seconds in the LM forward, its softmax, the search (faiss, exact distances), the gate and the mix."""
+    """Seconds in the LM forward, its softmax, the search (faiss, exact distances), the gate and the mix; other:
+    the rest of eval-lm's timed loop (tokens / tokens/s)."""
     st = run["stats"]
     c = st["components"]
     search = c.get("KnnSearch", {})
     return [st["seconds"]["lm_forward"], st["seconds"]["lm_softmax"], search.get("faiss_seconds", 0.0),
             search.get("exact_seconds", 0.0), c.get("SignalGate", {}).get("seconds", 0.0),
-            c.get("KnnMixer", {}).get("seconds", 0.0), run["seconds"] - st["seconds"]["lm_forward"]
+            c.get("KnnMixer", {}).get("seconds", 0.0), run["tokens"] / run["tok_s"] - st["seconds"]["lm_forward"]
             - st["seconds"]["lm_softmax"] - search.get("seconds", 0.0) - c.get("SignalGate", {}).get("seconds", 0.0)
             - c.get("KnnMixer", {}).get("seconds", 0.0)]
 
@@ -70,6 +71,7 @@ def render(m):
         prose("Left: perplexity against speed for each row. Right: the sweep's frontier on {tune} for the chosen "
               "distance kind and k (each point skips the search on more of the tokens whose bucket gains least).",
               tune=tune), "",
+        *pointer_section(m),
         "## Stages", "",
         table(["stage", "seconds", "peak RSS (MB)", "command"], stage_rows(m["stages"])), "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
@@ -87,3 +89,20 @@ def plot(m, out):
               {"title": f"{tune}: sweep frontier", "xlabel": "fraction of tokens that search", "lines": frontier,
                "hline": (m["sweep"]["chosen"]["reference"]["ppl"], "best exact setting")}]
     return [line_panels(os.path.join(out, "frontier.png"), "kNN-LM: perplexity vs cost", panels)]
+
+
+def pointer_section(m):
+    """Pointer reuse (RetoMaton) as knnlm-sweep --pointers simulated it on the tune log's first tokens."""
+    rows = m["sweep"].get("pointers") or []
+    if not rows:
+        return []
+    tune = m["splits"][0]
+    tokens = min(m["settings"]["pointer_tokens"], m["sweep"]["n_tokens"])
+    table_rows = [[r["kind"], "no reuse (every token searches)" if r["min_pointers"] is None else str(r["min_pointers"]),
+                   f"{r['searched']:.1%}", f"{r['ppl']:.2f}"] for r in rows]
+    return ["## Pointer reuse (simulated)", "",
+            prose("Pointer reuse follows the neighbours that predicted the previous token one position on and "
+                  "searches only when fewer than a minimum of them survive; replayed by `knnlm-sweep --pointers` "
+                  "on the first {tok:,} tokens of the {tune} log, at each distance kind's tuned k, T and λ.",
+                  tok=tokens, tune=tune), "",
+            table(["distances", "minimum pointers", "tokens that searched", f"{tune} ppl"], table_rows), ""]

@@ -92,3 +92,26 @@ def test_keytypes_on_two_key_types(wt2):
     m = metrics(tmp, "keytypes")
     assert [r["key_type"] for r in m["keytypes"]] == ["last_ffn_input", "second_last_ffn_input"]
     assert m["subset"]["valid"]["tokens"] >= 2000 and m["model"] == {"layers": 2, "dim": 32}
+
+
+def test_bench_times_every_row_side_by_side(wt2):
+    tmp, _, ckpt, _ = wt2
+    driver("bench.py", "--data-bin", tmp / "data", "--checkpoint", ckpt, "--dstore", tmp / "bench-dstore", "--out",
+           tmp / "out" / "bench", "--work", tmp / "bench", "--tokens", 600, "--factory", "IVF2,Flat",
+           "--fast-factory", "IVF2,PQ8x4fs", "--fast-probe", 1, "--fast-k", 8, "--buckets", 3, "--pointers", "2,4",
+           "--pointer-tokens", 300, *RETRIEVAL, *WINDOW)
+    m = metrics(tmp, "bench")
+    rows = ["base", "paper_exact", "paper_approx", "fast"]
+    assert m["rows"] == rows
+    for split in ("valid", "test"):
+        runs = [m["runs"][f"{r}_{split}"] for r in rows]
+        # the same tokens for every row: whole batches from the start of the split until 600 are scored
+        assert len({r["tokens"] for r in runs}) == 1 and 600 <= runs[0]["tokens"] < 3000
+        assert all(r["tok_s"] > 0 and r["peak_rss_mb"] > 0 for r in runs)
+        assert runs[0]["stats"] is None and all(r["stats"]["components"]["KnnSearch"]["rows"] > 0 for r in runs[1:])
+    # the fast row runs exactly what the sweep wrote, tuned on valid only
+    assert m["tuned"]["tuned_for"]["split"] == "valid" and m["tuned"]["knnlm"]["k"] <= 8
+    assert [p["min_pointers"] for p in m["sweep"]["pointers"] if p["kind"] == "exact"] == [None, 2, 4]
+    report = (tmp / "out" / "bench" / "report.md").read_text()
+    assert "## Where the time goes" in report and "## Pointer reuse (simulated)" in report
+    assert (tmp / "out" / "bench" / "frontier.png").stat().st_size > 10_000
