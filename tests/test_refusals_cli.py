@@ -184,6 +184,8 @@ EVAL_LM = {
                                                 w.root / "never"),
                                      r"--eval-tokens evaluates a prefix; to dump part of a text, binarize that part"),
     # the files the flags name
+    "data_without_dictionary": (lambda w: ("--data", w.root / "not-a-data-bin"),
+                                r"not-a-data-bin holds no dict\.txt: pass the directory fairseq-preprocess wrote"),
     "missing_index": (lambda w: (*KNN, "--dstore-dir", w.dstore, "--index-file", "missing.faiss"),
                       r"no index at .*/dstore/missing\.faiss \(with missing\.faiss\.json\); run knnlm-build-index"),
     "other_dictionary": (lambda w: (*KNN, "--dstore-dir", w.dstore, "--data", w.data_other_dict),

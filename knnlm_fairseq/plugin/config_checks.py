@@ -40,3 +40,11 @@ def check_config(a) -> None:
         raise KnnlmError("--eval-tokens evaluates a prefix; to dump part of a text, binarize that part and dump it")
     if a.save_dstore and os.path.exists(os.path.join(a.dstore_dir, MANIFEST)):
         raise KnnlmError(f"{a.dstore_dir} already holds a datastore; pass a new --dstore-dir")
+
+
+def check_data(a) -> None:
+    """Before fairseq reads the dictionary: a --data directory without dict.txt would end in a traceback."""
+    first = str(a.data).split(os.pathsep)[0]
+    if not os.path.isfile(os.path.join(first, "dict.txt")):
+        raise KnnlmError(f"{first} holds no dict.txt: pass the directory fairseq-preprocess wrote (its --destdir) "
+                         f"as the data argument")

@@ -33,7 +33,7 @@ from ..core.shards import assemble_shards, shard_name, shard_range
 from ..core.writer import DatastoreWriter
 from ..models.knnlm import KnnLM
 from ..plugin.checkpoints import checkpoint_identity
-from ..plugin.config_checks import check_config
+from ..plugin.config_checks import check_config, check_data
 from ..plugin.iterators import BatchRange, FirstTokens, InTextOrder, SkipWritten, ThenFinish
 from ..core.settings import apply_settings, check_settings_target
 
@@ -140,6 +140,11 @@ class KnnEvalConfig(LanguageModelingConfig):
 
 @register_task("knn_eval", dataclass=KnnEvalConfig)
 class KnnEvalTask(LanguageModelingTask):
+    @classmethod
+    def setup_task(cls, args, **kwargs):
+        check_data(args)
+        return super().setup_task(args, **kwargs)
+
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.settings = apply_settings(args, KnnEvalConfig, args.knn_settings) if args.knn_settings else None
