@@ -310,6 +310,23 @@ def test_full_disk_is_one_line_and_the_same_command_resumes(world, refused):
         assert (full / name).read_bytes() == (world.dstore / name).read_bytes(), name
 
 
+def test_build_index_refuses_flipped_bytes(world):
+    """One flipped byte in keys.npy: knnlm-build-index re-hashes the arrays and refuses before building."""
+    d = world.root / "flipped"
+    shutil.copytree(world.dstore, d, ignore=lambda _, names: [n for n in names if n.endswith((".faiss", ".json"))
+                                                              and n != "manifest.json"])
+    with open(d / "keys.npy", "r+b") as f:
+        f.seek(-7, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-7, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x10]))
+    proc = run("knnlm-build-index", d, "--factory", "Flat", "--no-progress-bar", check=False)
+    assert_refused(proc, "knnlm-build-index", r"flipped/keys\.npy does not match its checksum: the file is "
+                                              r"corrupted, dump it again")
+    assert not (d / "index.faiss").exists()
+    run("knnlm-build-index", d, "--factory", "Flat", "--no-progress-bar", "--no-verify")  # the opt-out builds it
+
+
 def test_merge_refuses_datastores_dumped_otherwise(world, refused):
     procs, _, _ = refused
     assert_refused(procs["merge_other_key_type"], "knnlm-merge-dstore",
