@@ -12,7 +12,7 @@ import re
 
 from knnlm_fairseq.core.durable import read_json
 from knnlm_fairseq.experiments import commands as C
-from knnlm_fairseq.experiments.report import publish, versions
+from knnlm_fairseq.experiments.report import machine, publish, versions
 from knnlm_fairseq.experiments.settings import add_run_settings, cli, window
 from knnlm_fairseq.experiments.stages import Stages
 from bench_report import plot, render
@@ -92,7 +92,7 @@ def main(argv=None):
                "tuned": read_json(tuned, "tune again"), "sweep": summary_of(read_json(sweep, "tune again")),
                "index": {name: read_json(os.path.join(a.dstore, f + ".json"), "build it again")
                          for name, f in (("paper", C.INDEX_FILE), ("fast", fast_index))},
-               "stages": stages.done, "settings": vars(a), "versions": versions()}
+               "stages": stages.done, "settings": vars(a), "machine": machine(), "versions": versions()}
     metrics["plots"] = plot(metrics, a.out)
     publish(a.out, metrics, render)
     return 0

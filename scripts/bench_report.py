@@ -1,7 +1,7 @@
 """make bench's report: rendered from metrics.json alone (see bench.py)."""
 import os
 
-from knnlm_fairseq.experiments.report import line_panels, prose, stage_rows, table
+from knnlm_fairseq.experiments.report import dash, line_panels, prose, stage_rows, table
 
 NAMES = {"base": "base LM", "paper_exact": "kNN-LM, paper recipe (exact distances)",
          "paper_approx": "kNN-LM, paper index, approximate distances", "fast": "kNN-LM, fast settings (tuned on {tune})"}
@@ -23,10 +23,11 @@ def split_of_time(run):
     st = run["stats"]
     c = st["components"]
     search = c.get("KnnSearch", {})
+    gate = c.get("SignalGate", {}).get("seconds")  # None: no gate in this run (shown as —, not as 0.0)
     return [st["seconds"]["lm_forward"], st["seconds"]["lm_softmax"], search.get("faiss_seconds", 0.0),
-            search.get("exact_seconds", 0.0), c.get("SignalGate", {}).get("seconds", 0.0),
+            search.get("exact_seconds", 0.0), gate,
             c.get("KnnMixer", {}).get("seconds", 0.0), run["tokens"] / run["tok_s"] - st["seconds"]["lm_forward"]
-            - st["seconds"]["lm_softmax"] - search.get("seconds", 0.0) - c.get("SignalGate", {}).get("seconds", 0.0)
+            - st["seconds"]["lm_softmax"] - search.get("seconds", 0.0) - (gate or 0.0)
             - c.get("KnnMixer", {}).get("seconds", 0.0)]
 
 
@@ -40,14 +41,14 @@ def render(m):
         rows.append([name[r]] + [f"{m['runs'][f'{r}_{s}']['ppl']:.2f}" for s in m["splits"]] + [
             f"{run['tok_s']:,.0f}", f"{ratio(m, r, tune):.2f}×", "—" if frac is None else f"{frac:.1%}",
             f"{run['peak_rss_mb']:,.0f}"])
-    split_rows = [[name[r]] + [f"{x:.1f}" for x in split_of_time(m["runs"][f"{r}_{tune}"])]
+    split_rows = [[name[r]] + [dash(x, "{:.1f}") for x in split_of_time(m["runs"][f"{r}_{tune}"])]
                   for r in m["rows"] if r != "base"]
     chosen = m["tuned"]
     lines = [
         "# kNN-LM speed: base LM and kNN-LM timed side by side", "",
-        prose("One run on this machine ({cores} cores), the same {tok} tokens of each split for every row; tokens/s "
+        prose("One run on this machine ({cores} cores, {cpu}), the same {tok} tokens of each split for every row; tokens/s "
               "is fairseq-eval-lm's (model time, data loading excluded), the ratio is each row's time over the base "
-              "LM's on {tune}.", cores=os.cpu_count(), tok=", ".join(f"{m['runs'][f'base_{s}']['tokens']:,} {s}"
+              "LM's on {tune}.", cores=m["machine"]["cpus"], cpu=m["machine"]["cpu_model"], tok=", ".join(f"{m['runs'][f'base_{s}']['tokens']:,} {s}"
                                                                      for s in m["splits"]), tune=tune), "",
         table(["configuration"] + [f"{s} ppl" for s in m["splits"]] + [f"{tune} tokens/s", "time vs base",
                                                                       "tokens that searched", "peak RSS (MB)"], rows),

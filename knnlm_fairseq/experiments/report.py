@@ -72,8 +72,14 @@ def grid_text(values: Sequence[float], run: int = 4) -> str:
 
 
 def machine() -> Dict:
-    """What the stage times were measured on."""
-    return {"cpus": os.cpu_count()}
+    """What the stage times were measured on: CPU cores and model (/proc/cpuinfo's first 'model name')."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model}
 
 
 def dash(value, fmt: str = "{}") -> str:
