@@ -46,10 +46,10 @@ def render(m):
     chosen = m["tuned"]
     lines = [
         "# kNN-LM speed: base LM and kNN-LM timed side by side", "",
-        prose("One run on this machine ({cores} cores, {cpu}), the same {tok} tokens of each split for every row; tokens/s "
-              "is fairseq-eval-lm's (model time, data loading excluded), the ratio is each row's time over the base "
-              "LM's on {tune}.", cores=m["machine"]["cpus"], cpu=m["machine"]["cpu_model"], tok=", ".join(f"{m['runs'][f'base_{s}']['tokens']:,} {s}"
-                                                                     for s in m["splits"]), tune=tune), "",
+        prose("One run on this machine ({cores} cores, {cpu}), the same {tok} tokens of each split for every row; "
+              "tokens/s is fairseq-eval-lm's (model time, data loading excluded), the ratio is each row's time over "
+              "the base LM's on {tune}.", cores=m["machine"]["cpus"], cpu=m["machine"]["cpu_model"],
+              tok=", ".join(f"{m['runs'][f'base_{s}']['tokens']:,} {s}" for s in m["splits"]), tune=tune), "",
         table(["configuration"] + [f"{s} ppl" for s in m["splits"]] + [f"{tune} tokens/s", "time vs base",
                                                                       "tokens that searched", "peak RSS (MB)"], rows),
         "",
