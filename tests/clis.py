@@ -3,6 +3,9 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,8 +18,12 @@ _LOSS = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 _EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens")
 
 
-def run_cli(name: str, *args, check: bool = True, env=None, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(name: str, *args, check: bool = True, env=None, cwd=None, fsize_kib: int = 0) -> subprocess.CompletedProcess:
+    """A console script of the venv. fsize_kib: run it under `ulimit -f` (a write past it fails with EFBIG:
+    Python ignores SIGXFSZ, so the process sees the error instead of being killed)."""
     cmd = [os.path.join(BIN, name)] + [str(a) for a in args]
+    if fsize_kib:
+        cmd = ["bash", "-c", f'ulimit -f {fsize_kib} && exec "$0" "$@"'] + cmd
     full_env = dict(os.environ, **(env or {}))
     full_env["PATH"] = BIN + os.pathsep + full_env.get("PATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd)
@@ -24,6 +31,36 @@ def run_cli(name: str, *args, check: bool = True, env=None, cwd=None) -> subproc
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.output[-4000:]}")
     return proc
+
+
+def parallel(*calls):
+    """Independent CLI runs two at a time: most of each is a single-threaded Python start-up."""
+    with ThreadPoolExecutor(2) as ex:
+        return list(ex.map(lambda c: c(), calls))
+
+
+_WORD_LINE = re.compile(r"fairseq_cli\.eval_lm\D*?(\d+) (\S+ \[.*)$")
+_WORD = re.compile(r"(\S+) \[(-?[0-9.]+|-?inf)\]")
+
+
+def word_probs(output: str):
+    """--output-word-probs lines, in sample order: (words, natural-log probabilities, the same as printed)."""
+    samples = {}
+    for line in output.splitlines():
+        m = _WORD_LINE.search(line)
+        if m:
+            samples[int(m.group(1))] = _WORD.findall(m.group(2))
+    pairs = [p for i in sorted(samples) for p in samples[i]]
+    return [w for w, _ in pairs], np.array([float(lp) for _, lp in pairs]), [lp for _, lp in pairs]
+
+
+def assert_refused(proc, message: str, prog: str = "knnlm_fairseq") -> None:
+    """Nonzero exit, no perplexity, no traceback: the last stderr line is `PROG: error: ` and matches message."""
+    assert proc.returncode != 0, proc.output[-3000:]
+    assert "Loss (base 2)" not in proc.output and "Perplexity" not in proc.output, proc.output[-3000:]
+    assert "Traceback" not in proc.output, proc.stderr[-3000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"{prog}: error: ") and re.search(message, last), last
 
 
 def loss_and_ppl(output: str):

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 import clis
-from clis import USER_DIR, evaluated_tokens, loss_and_ppl
-from test_e2e_cli import parallel, sentences, word_probs
+from clis import USER_DIR, evaluated_tokens, loss_and_ppl, parallel, word_probs
+from test_e2e_cli import sentences
 
 TPS, CW, BSZ = 32, 16, 4  # 16 new tokens per block, 4 blocks per batch: several batches, prefixes across batches
 K, LMBDA, TEMP = 8, 0.5, 2.0
@@ -120,21 +120,26 @@ def knnlm_oracle(queries, keys, vals, targets, lm_lp, k: int, temp: float, lmbda
 
 
 # ---- the CLI runs ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("align")
+def templated_lm(root):
+    """root/bin: 40 train and 12 valid lines of templated sentences, binarized; root/ckpt: knnlm_tiny after a few
+    updates (the oracle replays this very model, it need not be good). Returns (data, checkpoint)."""
     for split, seed, n in (("train", 0, 40), ("valid", 1, 12)):
         (root / f"{split}.txt").write_text("\n".join(sentences(seed, n)) + "\n")
     data = root / "bin"
     run_cli("fairseq-preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref",
             root / "valid.txt", "--destdir", data, "--workers", "1")
-    # a few updates: the oracle replays this very model, it need not be good
     run_cli("fairseq-train", data, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
             "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", 64,
             "--max-update", 10, "--save-dir", root / "ckpt", "--no-epoch-checkpoints", "--disable-validation",
             "--num-workers", "0", "--seed", "1", "--cpu", "--no-progress-bar")
-    w = SimpleNamespace(root=root, data=data, ckpt=str(root / "ckpt" / "checkpoint_last.pt"),
-                        dstore=str(root / "dstore"))
+    return data, str(root / "ckpt" / "checkpoint_last.pt")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    data, ckpt = templated_lm(root)
+    w = SimpleNamespace(root=root, data=data, ckpt=ckpt, dstore=str(root / "dstore"))
     w.dump = eval_lm(w, "train", "--save-dstore", "--dstore-dir", w.dstore)
     w.index = run_cli("knnlm-build-index", w.dstore, "--factory", "Flat", "--threads", "1", "--no-progress-bar")
     knn = ("--knnlm", "--dstore-dir", w.dstore, "--k", K, "--lmbda", LMBDA, "--knn-temp", TEMP,

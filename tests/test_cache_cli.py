@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from clis import ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm
-from test_e2e_cli import word_probs
+from clis import ONE_THREAD, USER_DIR, loss_and_ppl, random_lines, run_cli, tiny_lm, word_probs
 
 pytestmark = pytest.mark.slow  # starts fairseq CLIs
 

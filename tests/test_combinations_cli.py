@@ -6,67 +6,27 @@ One tiny world: a knnlm_tiny model trained 20 updates on random text, its valid 
 window of 0 one block per batch (the reference every other dump is compared with); runs go two at a time."""
 import json
 import math
-import os
 import re
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import faiss
 import numpy as np
 import pytest
 
-from clis import BIN, USER_DIR, evaluated_tokens, loss_and_ppl, random_lines, tiny_lm
+import clis
+from clis import USER_DIR, assert_refused, evaluated_tokens, loss_and_ppl, parallel, random_lines, tiny_lm, word_probs
 
 pytestmark = pytest.mark.slow
 
-# one thread per process: CLIs run two at a time on 2 shared cores
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TPS = 64
 CACHE = ("--cache-size", 32, "--cache-theta", 0.3, "--cache-lmbda", 0.3)  # θ and μ of the cache runs
 K, LMBDA, TEMP = 64, 0.5, 10.0  # the IVF run: k above the ~39 entries of an average list
 FSIZE_KIB = 12  # the interrupted shard: its keys.npy may not pass 12 KiB (190 rows of 32 fp16)
 
 
-def run(name: str, *args, fsize_kib: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    """A console script of the venv; fsize_kib: under `ulimit -f` (a write past it fails with EFBIG)."""
-    cmd = [os.path.join(BIN, name)] + [str(a) for a in args]
-    if fsize_kib:
-        cmd = ["bash", "-c", f'ulimit -f {fsize_kib} && exec "$0" "$@"'] + cmd
-    env = dict(os.environ, **ONE_THREAD, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    proc.output = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.output[-4000:]}")
-    return proc
-
-
-def parallel(*calls):
-    """Independent CLI runs two at a time."""
-    with ThreadPoolExecutor(2) as ex:
-        return list(ex.map(lambda c: c(), calls))
-
-
-def assert_refused(proc, message: str) -> None:
-    assert proc.returncode != 0, proc.output[-3000:]
-    assert "Perplexity" not in proc.output and "Traceback" not in proc.output, proc.output[-3000:]
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("knnlm_fairseq: error: ") and re.search(message, last), last
-
-
-_WORD_LINE = re.compile(r"fairseq_cli\.eval_lm\D*?(\d+) (\S+ \[.*)$")
-_WORD = re.compile(r"(\S+) \[(-?[0-9.]+|-?inf)\]")
-
-
-def word_probs(output: str):
-    """--output-word-probs in sample order: (printed strings, natural-log probabilities)."""
-    samples = {}
-    for line in output.splitlines():
-        m = _WORD_LINE.search(line)
-        if m:
-            samples[int(m.group(1))] = _WORD.findall(m.group(2))
-    printed = [lp for i in sorted(samples) for _, lp in samples[i]]
-    return printed, np.array([float(lp) for lp in printed])
+def run(name: str, *args, **kw):
+    """One thread per process: CLIs run two at a time on 2 shared cores."""
+    return clis.run_cli(name, *args, env=clis.ONE_THREAD, **kw)
 
 
 def eval_lm(w, *flags, cw: int = 0, check: bool = True, fsize_kib: int = 0):
@@ -144,8 +104,8 @@ def test_cache_with_softmax_batch_3_equals_one_chunk(world):
     for name in ("target", "found", "cache_lp"):
         np.testing.assert_array_equal(small[name], large[name], err_msg=name)
     np.testing.assert_allclose(small["lm_lp"], large["lm_lp"], rtol=0, atol=2e-6)  # other matmul shapes
-    ps, lp_small = word_probs(world.cache_small.output)
-    pl, lp_large = word_probs(world.cache_large.output)
+    _, lp_small, ps = word_probs(world.cache_small.output)
+    _, lp_large, pl = word_probs(world.cache_large.output)
     assert len(ps) == len(small["target"]) and ps == pl
     assert loss_and_ppl(world.cache_small.output) == loss_and_ppl(world.cache_large.output)
 
@@ -153,7 +113,7 @@ def test_cache_with_softmax_batch_3_equals_one_chunk(world):
 def test_cache_mixture_is_the_printed_probability(world):
     """p = (1-μ)·p_LM + μ·p_cache(θ) on rows with a cache (all but the split's first): the number the runs print."""
     log = cache_log(world, 3)
-    _, printed = word_probs(world.cache_small.output)
+    printed = word_probs(world.cache_small.output)[1]
     mu = CACHE[5]
     expected = np.where(log["found"], np.logaddexp(np.log1p(-mu) + log["lm_lp"], math.log(mu) + log["cache_lp"][:, 0]),
                         log["lm_lp"])
@@ -221,7 +181,7 @@ def test_ivf_list_shorter_than_k_mixes_only_the_found_neighbours(world):
     wts = np.exp(logits - logits.max(1, keepdims=True))  # 0 where missing
     p_knn = (wts * (vals[np.where(found, ids, 0)] == log["target"][:, None])).sum(1) / wts.sum(1)
     expected = np.log(LMBDA * p_knn + (1 - LMBDA) * np.exp(log["lm_lp"].astype(np.float64)))
-    _, printed = word_probs(out)
+    printed = word_probs(out)[1]
     assert len(printed) == len(expected) and np.isfinite(printed).all()
     err = np.abs(printed - expected)
     assert err.max() < 1e-3 and err.mean() < 1e-4, (err.max(), err.mean())

@@ -5,16 +5,14 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import clis
-from clis import USER_DIR, evaluated_tokens, loss_and_ppl
+from clis import USER_DIR, assert_refused, evaluated_tokens, loss_and_ppl, parallel, word_probs
 
 pytestmark = pytest.mark.slow  # starts fairseq CLIs
 
@@ -26,11 +24,8 @@ VALID_TOKENS = 2890  # words + one </s> per line of the seeded valid split
 
 # one thread per process: runs go two at a time on 2 cores, and torch/faiss thread pools that
 # oversubscribe the cores spin-wait (measured: a 2-thread tiny-model training run many times slower than a 1-thread one)
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def run_cli(name: str, *args, check: bool = True):
-    return clis.run_cli(name, *args, check=check, env=ONE_THREAD)
+    return clis.run_cli(name, *args, check=check, env=clis.ONE_THREAD)
 
 
 # ---- corpus -----------------------------------------------------------------------------------------
@@ -58,42 +53,11 @@ def token_stream(text_path: str, dict_path: str) -> np.ndarray:
     return np.array(out)
 
 
-# ---- reading eval-lm's output ----------------------------------------------------------------------
-_WORD_LINE = re.compile(r"fairseq_cli\.eval_lm\D*?(\d+) (\S+ \[.*)$")
-_WORD = re.compile(r"(\S+) \[(-?[0-9.]+|-?inf)\]")
-
-
-def word_probs(output: str):
-    """--output-word-probs lines, in sample order: (words, natural-log probabilities as printed)."""
-    samples = {}
-    for line in output.splitlines():
-        m = _WORD_LINE.search(line)
-        if m:
-            samples[int(m.group(1))] = _WORD.findall(m.group(2))
-    pairs = [p for i in sorted(samples) for p in samples[i]]
-    return [w for w, _ in pairs], np.array([float(lp) for _, lp in pairs]), [lp for _, lp in pairs]
-
-
-def assert_refused(proc, message: str) -> None:
-    """Nonzero exit, no perplexity, no traceback: the error is the last line, on one line."""
-    assert proc.returncode != 0, proc.output[-3000:]
-    assert "Loss (base 2)" not in proc.output and "Perplexity" not in proc.output
-    assert "Traceback" not in proc.output, proc.stderr[-3000:]
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert re.match(r"knnlm_fairseq: error: ", last) and re.search(message, last), last
-
-
 def sha256(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
-def parallel(*calls):
-    """Independent CLI runs two at a time: most of each is a single-threaded Python start-up."""
-    with ThreadPoolExecutor(2) as ex:
-        return list(ex.map(lambda c: c(), calls))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")

@@ -28,9 +28,8 @@ import numpy as np
 import pytest
 
 import clis
-from clis import USER_DIR, evaluated_tokens, loss_and_ppl
-from test_alignment_cli import distances, knnlm_oracle, load_model, mix, replay, split_stream
-from test_e2e_cli import assert_refused, parallel, sentences, word_probs
+from clis import USER_DIR, assert_refused, evaluated_tokens, loss_and_ppl, parallel, word_probs
+from test_alignment_cli import distances, knnlm_oracle, load_model, mix, replay, split_stream, templated_lm
 
 TPS, CW, BSZ = 32, 16, 4
 K, LMBDA = 8, 0.5
@@ -50,17 +49,8 @@ def build_index(dstore: str, *flags):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
-    for split, seed, n in (("train", 0, 40), ("valid", 1, 12)):
-        (root / f"{split}.txt").write_text("\n".join(sentences(seed, n)) + "\n")
-    data = root / "bin"
-    run_cli("fairseq-preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref",
-            root / "valid.txt", "--destdir", data, "--workers", "1")
-    run_cli("fairseq-train", data, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
-            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024", "--tokens-per-sample", 64,
-            "--max-update", 10, "--save-dir", root / "ckpt", "--no-epoch-checkpoints", "--disable-validation",
-            "--num-workers", "0", "--seed", "1", "--cpu", "--no-progress-bar")
-    w = SimpleNamespace(root=root, data=data, ckpt=str(root / "ckpt" / "checkpoint_last.pt"),
-                        main=str(root / "dstore"), other=str(root / "dstore-other"))
+    data, ckpt = templated_lm(root)
+    w = SimpleNamespace(root=root, data=data, ckpt=ckpt, main=str(root / "dstore"), other=str(root / "dstore-other"))
     dump = ("--gen-subset", "train", "--save-dstore", "--dstore-dir")
 
     def main():

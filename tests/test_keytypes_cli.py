@@ -4,7 +4,6 @@ itself (the second-to-last block's output is what the last block receives), read
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 import clis
-from clis import USER_DIR, evaluated_tokens
+from clis import USER_DIR, evaluated_tokens, parallel
 
 from knnlm_fairseq.core.keys import KEY_TYPES
 
@@ -20,16 +19,10 @@ pytestmark = pytest.mark.slow  # starts fairseq CLIs
 
 TPS = 128  # with --context-window 0 the whole valid split (< 128 tokens) is one block: easy to replay in-process
 DIM = 32  # knnlm_tiny's width: every key type lies in the residual width
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two runs at a time on 2 cores
 
 
 def run_cli(name: str, *args, check: bool = True):
-    return clis.run_cli(name, *args, check=check, env=ONE_THREAD)
-
-
-def parallel(*calls):
-    with ThreadPoolExecutor(2) as ex:
-        return list(ex.map(lambda c: c(), calls))
+    return clis.run_cli(name, *args, check=check, env=clis.ONE_THREAD)  # two runs at a time on 2 cores
 
 
 def corpus(seed: int, n_lines: int):

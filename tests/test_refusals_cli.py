@@ -11,51 +11,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from clis import BIN, USER_DIR, random_lines, tiny_lm
+import clis
+from clis import USER_DIR, assert_refused, parallel, random_lines, tiny_lm
 
 pytestmark = pytest.mark.slow
 
-# one thread per process: CLIs run two at a time on 2 shared cores
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TPS, CW = 64, 16
 FSIZE_KIB = 16  # the "disk" of the full-disk case: keys.npy may not grow past 16 KiB (255 rows of 32 fp16)
 
 
-def run(name: str, *args, fsize_kib: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    """A console script of the venv; fsize_kib: under `ulimit -f` (writes past it fail with EFBIG; Python
-    ignores SIGXFSZ, so the process sees the error instead of being killed)."""
-    cmd = [os.path.join(BIN, name)] + [str(a) for a in args]
-    if fsize_kib:
-        cmd = ["bash", "-c", f'ulimit -f {fsize_kib} && exec "$0" "$@"'] + cmd
-    env = dict(os.environ, **ONE_THREAD, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    proc.output = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.output[-4000:]}")
-    return proc
-
-
-def parallel(*calls):
-    """Independent CLI runs two at a time."""
-    with ThreadPoolExecutor(2) as ex:
-        return list(ex.map(lambda c: c(), calls))
-
-
-def assert_refused(proc, prog: str, message: str) -> None:
-    """Non-zero exit, no perplexity, no traceback; the last stderr line is `PROG: error: ` and matches message."""
-    assert proc.returncode != 0, proc.output[-3000:]
-    assert "Loss (base 2)" not in proc.output and "Perplexity" not in proc.output, proc.output[-3000:]
-    assert "Traceback" not in proc.output, proc.stderr[-3000:]
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith(f"{prog}: error: ") and re.search(message, last), last
+def run(name: str, *args, **kw):
+    """One thread per process: CLIs run two at a time on 2 shared cores."""
+    return clis.run_cli(name, *args, env=clis.ONE_THREAD, **kw)
 
 
 def tree_sha256(*dirs) -> dict:
@@ -262,7 +235,7 @@ def refused(world):
 @pytest.mark.parametrize("name", list(EVAL_LM))
 def test_eval_lm_refuses(refused, name):
     procs, _, _ = refused
-    assert_refused(procs[name], "knnlm_fairseq", EVAL_LM[name][1])
+    assert_refused(procs[name], EVAL_LM[name][1])
 
 
 def test_refused_runs_left_every_file_alone(refused):
@@ -294,9 +267,8 @@ def test_full_disk_is_one_line_and_the_same_command_resumes(world, refused):
     names and ends byte-identical to the uninterrupted dump."""
     procs, _, _ = refused
     proc = procs["full_disk_efbig"]
-    assert_refused(proc, "knnlm_fairseq", r"no space left writing .*dump-full \(File too large\); free disk space "
-                                          r"and re-run the same command: the dump resumes from its last commit "
-                                          r"\(([0-9,]+) rows\)")
+    assert_refused(proc, r"no space left writing .*dump-full \(File too large\); free disk space and re-run the same "
+                         r"command: the dump resumes from its last commit \(([0-9,]+) rows\)")
     rows = int(re.search(r"last commit \(([0-9,]+) rows\)", proc.stderr).group(1).replace(",", ""))
     full = world.root / "dump-full"
     assert 0 < rows < world.count
@@ -321,20 +293,20 @@ def test_build_index_refuses_flipped_bytes(world):
         f.seek(-7, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0x10]))
     proc = run("knnlm-build-index", d, "--factory", "Flat", "--no-progress-bar", check=False)
-    assert_refused(proc, "knnlm-build-index", r"flipped/keys\.npy does not match its checksum: the file is "
-                                              r"corrupted, dump it again")
+    assert_refused(proc, r"flipped/keys\.npy does not match its checksum: the file is corrupted, dump it again",
+                   prog="knnlm-build-index")
     assert not (d / "index.faiss").exists()
     run("knnlm-build-index", d, "--factory", "Flat", "--no-progress-bar", "--no-verify")  # the opt-out builds it
 
 
 def test_merge_refuses_datastores_dumped_otherwise(world, refused):
     procs, _, _ = refused
-    assert_refused(procs["merge_other_key_type"], "knnlm-merge-dstore",
-                   r"dstore-block-f32 has key_type='last_block_output' but .*dstore has 'last_ffn_input'; only "
-                   r"datastores dumped alike can be merged")
+    assert_refused(procs["merge_other_key_type"], r"dstore-block-f32 has key_type='last_block_output' but .*dstore has "
+                                                  r"'last_ffn_input'; only datastores dumped alike can be merged",
+                   prog="knnlm-merge-dstore")
     assert not os.path.exists(world.root / "merged-mixed")
-    assert_refused(procs["merge_into_a_datastore"], "knnlm-merge-dstore",
-                   r"dstore already holds a datastore; choose another output directory")
+    assert_refused(procs["merge_into_a_datastore"], r"dstore already holds a datastore; choose another output directory",
+                   prog="knnlm-merge-dstore")
 
 
 def test_enospc_is_the_errno_of_dev_full():

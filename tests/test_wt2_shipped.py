@@ -19,12 +19,11 @@ TRAIN_LINES, VALID_LINES = 2000, 80
 K, LMBDA, TEMP = 1024, 0.25, 30
 DUMP = ("--tokens-per-sample", "512", "--context-window", "128")  # the README's dump settings
 EVAL = ("--tokens-per-sample", "512", "--context-window", "256", "--gen-subset", "valid")
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two runs at a time on 2 cores
 
 
 def eval_lm(data, *flags, task: str = "knn_eval"):
     return clis.run_cli("fairseq-eval-lm", data, "--path", WT2_CKPT, "--user-dir", USER_DIR, "--task", task,
-                        "--max-tokens", "8192", "--cpu", "--no-progress-bar", *flags, env=ONE_THREAD)
+                        "--max-tokens", "8192", "--cpu", "--no-progress-bar", *flags, env=clis.ONE_THREAD)  # 2 runs at a time
 
 
 @pytest.fixture(scope="module")
