@@ -7,9 +7,13 @@ from ..core.datastore import MANIFEST
 from ..core.errors import KnnlmError
 
 
+def plugin_at_work(a) -> bool:
+    """Whether the run dumps, retrieves or caches (else knn_eval is stock language_modeling)."""
+    return bool(a.knnlm or a.save_dstore or a.cache_size)
+
+
 def check_config(a) -> None:
-    ours = a.knnlm or a.save_dstore or a.cache_size
-    if ours and a.checkpoint_path and os.pathsep in a.checkpoint_path:
+    if plugin_at_work(a) and a.checkpoint_path and os.pathsep in a.checkpoint_path:
         # fairseq-eval-lm 0.12 would look for one file named "a.pt:b.pt" and fail with a traceback
         raise KnnlmError(f"--path names {len(a.checkpoint_path.split(os.pathsep))} checkpoints; kNN-LM scores with "
                          f"exactly one (fairseq-eval-lm does not ensemble): pass one checkpoint")

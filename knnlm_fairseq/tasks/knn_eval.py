@@ -33,7 +33,7 @@ from ..core.shards import assemble_shards, shard_name, shard_range
 from ..core.writer import DatastoreWriter
 from ..models.knnlm import KnnLM
 from ..plugin.checkpoints import checkpoint_identity
-from ..plugin.config_checks import check_config, check_data
+from ..plugin.config_checks import check_config, check_data, plugin_at_work
 from ..plugin.iterators import BatchRange, FirstTokens, InTextOrder, SkipWritten, ThenFinish
 from ..core.settings import apply_settings, check_settings_target
 
@@ -195,8 +195,7 @@ class KnnEvalTask(LanguageModelingTask):
         # fairseq deals batches out round-robin, but the context window is carried from the previous batch of the
         # same process: shard i would see shard i-1's text as context. Every worker walks all batches instead
         # (collating is cheap) and scores a contiguous run, so shards in id order are the single-worker dump.
-        a = self.args
-        ordered = InTextOrder(dataset) if context_window == 0 and (a.knnlm or a.save_dstore or a.cache_size) else dataset
+        ordered = InTextOrder(dataset) if context_window == 0 and plugin_at_work(self.args) else dataset
         itr = super().eval_lm_dataloader(ordered, *args, context_window=context_window, **kwargs)
         if num_shards > 1:
             if not self.args.save_dstore:
