@@ -1,12 +1,20 @@
-"""config/*.yaml compose under the real fairseq-hydra-train and hold the papers' recipes; tiny.yaml trains."""
+"""config/*.yaml build the models they name under the real fairseq-hydra-train, hold the papers' recipes; tiny trains.
+
+A config is proven by the model it builds: tests/build_model.py runs fairseq-hydra-train's own entry point up to
+the built model, and `fairseq-train --arch NAME`'s parser in the same process, and prints both models' parameters.
+"""
+import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 
-from clis import ROOT, SHARED, USER_DIR, run_cli
+from clis import ROOT, SHARED, USER_DIR, WT2_CKPT, parallel, run_cli
 
 pytestmark = pytest.mark.slow  # starts fairseq CLIs
 
@@ -77,7 +85,7 @@ def test_wt2_small_matches_recipe_md():
     for key in ("dropout", "attention-dropout", "activation-dropout"):
         assert c["model"][key.replace("-", "_")] == pytest.approx(float(f[key]))
     assert c["common"]["seed"] == int(f["seed"])
-    assert c["model"]["_name"] == "knnlm_wt2_small"  # its shape is checked against RECIPE.md in test_registry
+    assert c["model"]["_name"] == "knnlm_wt2_small"  # its shape: test_wt2_small_builds_the_shipped_checkpoint
 
 
 def test_tiny_config_trains_and_evaluates(tmp_path):
@@ -91,7 +99,85 @@ def test_tiny_config_trains_and_evaluates(tmp_path):
     out = run_cli("fairseq-hydra-train", "--config-dir", CONFIG, "--config-name", "tiny", f"task.data={tmp_path / 'bin'}",
                   f"common.user_dir={USER_DIR}", f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'hydra'}").output
     assert re.search(r"num_updates.*20|done training", out)
-    assert (save / "checkpoint_last.pt").exists()
+    trained = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert trained["cfg"]["model"]["_name"] == "knnlm_tiny"
+    assert trained["model"]["decoder.layers.1.fc1.weight"].shape == (64, 32)  # 2 layers x 32 dims, FFN 64
+    assert "decoder.layers.2.fc1.weight" not in trained["model"]
     ev = run_cli("fairseq-eval-lm", tmp_path / "bin", "--path", save / "checkpoint_last.pt", "--user-dir", USER_DIR,
                  "--cpu", "--tokens-per-sample", "64", "--gen-subset", "valid").output
     assert "Perplexity" in ev
+
+
+# ---- each config builds its architecture through fairseq-hydra-train ------------------------------------------
+ARCH_OF = {"tiny": "knnlm_tiny", "wt2_small": "knnlm_wt2_small", "wt2_small_10pct": "knnlm_wt2_small",
+           "wt103": "knnlm_wiki103"}
+WT103_TYPES = 267_735  # WikiText-103's word types; fairseq adds 4 specials: 267,739 symbols
+WT103_PARAMS = 246_933_184  # fairseq-train --arch knnlm_wiki103 on that dictionary (measured on an H200 run too)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{config: (argparse build, hydra build)}: state-dict shapes, parameter count and model config of each."""
+    tmp = tmp_path_factory.mktemp("builds")
+    (tmp / "wt2").mkdir()
+    (tmp / "wt2" / "dict.txt").write_text(open(os.path.join(os.path.dirname(WT2_CKPT), "dict.txt")).read())
+    (tmp / "wt103").mkdir()
+    (tmp / "wt103" / "dict.txt").write_text("".join(f"w{i} {10**6 - i}\n" for i in range(WT103_TYPES)))
+
+    def build(name):
+        data = tmp / ("wt103" if name == "wt103" else "wt2")
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "build_model.py"), "both", str(data), ARCH_OF[name],
+               USER_DIR, CONFIG, name, f"hydra.run.dir={tmp / 'hydra' / name}",
+               "distributed_training.distributed_world_size=1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        argparse_build, hydra_build = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        return name, (argparse_build, hydra_build)
+
+    return dict(parallel(*[lambda n=n: build(n) for n in ARCH_OF]))
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_OF))
+def test_config_builds_its_architecture(built, name):
+    by_arch, by_hydra = built[name]
+    assert by_hydra["model_cfg"]["_name"] == ARCH_OF[name]
+    assert by_hydra["params"] == by_arch["params"]  # every parameter's name and shape
+    assert by_hydra["count"] == by_arch["count"]
+    # every value the architecture function decides, as --arch sets it (a config may change only regularisation)
+    from knnlm_fairseq.models.arch_configs import arch_fields
+
+    regularisation = {"dropout", "attention_dropout", "activation_dropout", "relu_dropout"}
+    for key in set(arch_fields(ARCH_OF[name])) - regularisation:
+        assert by_hydra["model_cfg"][key] == by_arch["model_cfg"][key], (name, key)
+
+
+def test_wt103_builds_the_papers_model(built):
+    by_arch, by_hydra = built["wt103"]
+    assert by_hydra["count"] == WT103_PARAMS
+    cfg = by_hydra["model_cfg"]
+    assert (cfg["decoder_layers"], cfg["decoder_embed_dim"], cfg["decoder_ffn_embed_dim"]) == (16, 1024, 4096)
+    assert cfg["adaptive_input"] and cfg["decoder_normalize_before"] and cfg["tie_adaptive_weights"]
+    assert cfg["adaptive_softmax_cutoff"] == "20000,60000"
+    assert by_hydra["params"]["decoder.embed_tokens.embeddings.0.0.weight"] == [20000, 1024]  # adaptive input head
+
+
+def test_wt2_small_builds_the_shipped_checkpoint(built):
+    saved = torch.load(WT2_CKPT, map_location="cpu", weights_only=True)["model"]
+    shapes = {name: list(t.shape) for name, t in saved.items()}
+    for name in ("wt2_small", "wt2_small_10pct"):
+        assert built[name][1]["params"] == shapes, name
+
+
+def test_tiny_builds_2_by_32(built):
+    cfg = built["tiny"][1]["model_cfg"]
+    assert (cfg["decoder_layers"], cfg["decoder_embed_dim"], cfg["decoder_ffn_embed_dim"]) == (2, 32, 64)
+
+
+def test_model_configs_are_written_from_the_architectures():
+    """config/model/*.yaml hold what the architecture functions set: edit the function, then regenerate."""
+    from knnlm_fairseq.models import arch_configs
+
+    for arch in arch_configs.ARCHS:
+        with open(os.path.join(CONFIG, "model", f"{arch}.yaml")) as f:
+            assert f.read() == arch_configs.render(arch), (
+                f"config/model/{arch}.yaml is stale: python -m knnlm_fairseq.models.arch_configs config/model")
