@@ -93,6 +93,17 @@ def render(m):
         "(`last_ffn_input`), index and k as `make wikitext2`. λ and T are tuned on valid (knnlm-sweep, exact distances, "
         "k fixed) and applied unchanged to test.", ps=m["paper"]["small_train_tokens"] / 1e6,
         pt=m["paper"]["train_tokens"] / 1e9, small=small, full=full, fr=fr), ""]
+    if m.get("table_model_built") and not m["table_model_built"]["remeasured"]:
+        b = m["table_model_built"]
+        L += [prose("**The {small}% model's rows are not the same architecture.** Before commit b550852 "
+                    "`config/wt2_small_10pct.yaml` named `knnlm_wt2_small` but fairseq-hydra-train built a {l} × {d} model "
+                    "with an adaptive softmax and no adaptive input ({p:,} parameters) instead of the intended {il} × {id} "
+                    "adaptive model ({ip:,}); known from {how}. Its rows below (and the Table 3 claims that use them) "
+                    "compare a larger model trained on {small}% with the shipped one; they have not been re-measured "
+                    "with the corrected config yet (`make scaling SCALING_EXTRA=` redoes them).",
+                    small=small, l=b["decoder_layers"], d=b["decoder_embed_dim"], p=b["params"],
+                    il=b["intended"]["decoder_layers"], id=b["intended"]["decoder_embed_dim"], ip=b["intended"]["params"],
+                    how=b["how_known"]), ""]
     if "valid" in ev:
         L += [prose("**Evaluated on a fixed prefix of whole articles**, to fit the CPU budget: {parts}. Perplexities are "
                     "therefore not the full-split numbers of results/wikitext2 (there: base valid {bv}, test {bt}); every "
