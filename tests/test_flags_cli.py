@@ -50,7 +50,8 @@ def build_index(dstore: str, *flags):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
     data, ckpt = templated_lm(root)
-    w = SimpleNamespace(root=root, data=data, ckpt=ckpt, main=str(root / "dstore"), other=str(root / "dstore-other"))
+    w = SimpleNamespace(root=root, data=data, ckpt=ckpt, main=str(root / "dstore"), other=str(root / "dstore-other"),
+                        half=str(root / "dstore-fp16"))
     dump = ("--gen-subset", "train", "--save-dstore", "--dstore-dir")
 
     def main():
@@ -65,7 +66,10 @@ def world(tmp_path_factory):
         build_index(w.other, "--factory", "Flat")
         return proc
 
-    w.dump_main, w.dump_other = parallel(main, other)
+    def half():  # the model in half precision (--fp16 runs on a CPU too): fp16 states through the dump
+        return eval_lm(w, *dump, w.half, "--fp16")
+
+    w.dump_main, w.dump_other, w.dump_half = parallel(main, other, half)
 
     def knn(dstore, *extra, temp=TEMPS[0]):
         return lambda: eval_lm(w, "--knnlm", "--dstore-dir", dstore, "--k", K, "--lmbda", LMBDA, "--knn-temp", temp,
@@ -81,6 +85,8 @@ def world(tmp_path_factory):
         "ip_as_l2": knn(w.main, "--index-file", "ip.faiss", "--knn-sim", "l2"),
         "other": knn(w.other, "--knn-keytype", "second_last_block_output"),
         "other_as_default": knn(w.other),
+        "fp16": knn(w.main, "--fp16"),  # half-precision queries through search and mix
+        "knn_gpu": knn(w.main, "--knn-gpu"),  # faiss-cpu here: refused, never silently searched on the CPU
     }
     w.runs = dict(zip(calls, parallel(*calls.values())))
 
@@ -218,3 +224,23 @@ def test_inner_product_end_to_end(world):
     assert ", ip, exact distances" in world.runs["ip"].output
     assert_matches(world.runs["ip"], expected)
     assert_refused(world.runs["ip_as_l2"], r"was built for 'ip' similarity, not 'l2'; pass --knn-sim ip")
+
+
+# ---- --fp16 and the GPU flags, on a CPU ---------------------------------------------------------------
+@pytest.mark.slow
+def test_fp16_through_dump_search_and_mix(world):
+    """A half-precision model's states are dumped, searched and mixed: the keys are the fp32 run's to fp16 rounding
+    (and not identical: the model really ran in half), the word probabilities the fp32 run's to 2e-2."""
+    half, full = stored_keys(world, world.half).astype(np.float32), stored_keys(world).astype(np.float32)
+    assert half.shape == full.shape and half.dtype == np.float32
+    np.testing.assert_array_equal(np.load(os.path.join(world.half, "vals.npy")), np.load(os.path.join(world.main, "vals.npy")))
+    assert 0 < np.abs(half - full).max() < 2e-2
+    lp16, loss16 = printed(world.runs["fp16"])
+    lp32, loss32 = printed(world.runs["temp0"])
+    assert len(lp16) == len(lp32) and np.abs(lp16 - lp32).max() < 2e-2
+    assert abs(loss16 - loss32) < 1e-2
+
+
+@pytest.mark.slow
+def test_knn_gpu_without_faiss_gpu_is_refused(world):
+    assert_refused(world.runs["knn_gpu"], r"--knn-gpu needs faiss-gpu and a visible GPU")
