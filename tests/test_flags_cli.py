@@ -20,6 +20,7 @@ Plumbing broken once by hand in this branch (each alone, then reverted), and the
                       l2-on-an-ip-index run was not refused)
 """
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -51,7 +52,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
     data, ckpt = templated_lm(root)
     w = SimpleNamespace(root=root, data=data, ckpt=ckpt, main=str(root / "dstore"), other=str(root / "dstore-other"),
-                        half=str(root / "dstore-fp16"))
+                        half=str(root / "dstore-fp16"), record=str(root / "retrieval-valid"),
+                        gated=str(root / "gated.json"), stats=str(root / "stats.json"))
     dump = ("--gen-subset", "train", "--save-dstore", "--dstore-dir")
 
     def main():
@@ -85,10 +87,19 @@ def world(tmp_path_factory):
         "ip_as_l2": knn(w.main, "--index-file", "ip.faiss", "--knn-sim", "l2"),
         "other": knn(w.other, "--knn-keytype", "second_last_block_output"),
         "other_as_default": knn(w.other),
+        "record": knn(w.main, *ivf, "--probe", NLIST, "--save-retrieval", w.record),  # for knnlm-sweep
+        "eval_tokens": knn(w.main, "--eval-tokens", 20),  # blocks score 16 new tokens each, 4 blocks a batch
         "fp16": knn(w.main, "--fp16"),  # half-precision queries through search and mix
         "knn_gpu": knn(w.main, "--knn-gpu"),  # faiss-cpu here: refused, never silently searched on the CPU
     }
     w.runs = dict(zip(calls, parallel(*calls.values())))
+    # a gated, approximate-distance point written by the sweep from the recorded valid pass, then run live
+    run_cli("knnlm-sweep", w.record, "--lmbdas", "0,0.25,0.5,0.75", "--temps", "0.5,5", "--kinds", "approx",
+            "--gates", "max_lp", "--buckets", 4, "--write-settings", w.gated, "--max-ppl-increase", 2)
+    later = {"gated": lambda: eval_lm(w, "--knnlm", "--dstore-dir", w.main, "--knn-settings", w.gated, "--knn-stats",
+                                      w.stats, "--knn-threads", 1, check=False),
+             "in_memory": knn(w.main, "--dstore-in-memory")}
+    w.runs.update(zip(later, parallel(*later.values())))
 
     model, task = load_model(w.ckpt)
     w.train = split_stream(data, "train", task.dictionary)
@@ -244,3 +255,51 @@ def test_fp16_through_dump_search_and_mix(world):
 @pytest.mark.slow
 def test_knn_gpu_without_faiss_gpu_is_refused(world):
     assert_refused(world.runs["knn_gpu"], r"--knn-gpu needs faiss-gpu and a visible GPU")
+
+
+# ---- --knn-settings with a gate, --knn-stats, --dstore-in-memory -----------------------------------------
+@pytest.mark.slow
+def test_gated_settings_search_the_fraction_and_score_what_the_sweep_predicted(world):
+    """knnlm-sweep --write-settings picked a gated point with faiss's distances on the recorded valid pass; eval-lm
+    with that file searches exactly that fraction of tokens (--knn-stats) and prints the sweep's perplexity. Fails
+    if the gate is not built (every token searched), or the file's knn_dist is ignored (exact distances score
+    another number), or --knn-stats is not written."""
+    tuned = json.load(open(world.gated))
+    assert tuned["knnlm"]["knn_gate_signal"] == "max_lp" and tuned["knnlm"]["knn_dist"] == "approx"
+    assert 0 < tuned["searched"] < 1  # a point that skips some searches, not all
+    stats = json.load(open(world.stats))["components"]
+    search = stats["KnnSearch"]
+    assert search["rows"] == evaluated_tokens(world.runs["gated"].output)
+    assert search["searched"] / search["rows"] == pytest.approx(tuned["searched"], abs=0.5 / search["rows"])
+    assert stats["SignalGate"]["skipped"] == search["rows"] - search["searched"]
+    loss = loss_and_ppl(world.runs["gated"].output)[0]
+    assert abs(loss - math.log2(tuned["tuned_ppl"])) < 2e-4, (loss, math.log2(tuned["tuned_ppl"]))
+
+
+@pytest.mark.slow
+def test_dstore_in_memory_reads_the_keys_into_ram(world):
+    """The same numbers as memory-mapped keys, and the run says the keys were read into RAM (the datastore reports
+    what it holds, not what was asked)."""
+    assert "keys in RAM" in world.runs["in_memory"].output
+    assert "keys memory-mapped" in world.runs["temp0"].output
+    assert printed(world.runs["in_memory"])[1] == printed(world.runs["temp0"])[1]
+    np.testing.assert_array_equal(printed(world.runs["in_memory"])[0], printed(world.runs["temp0"])[0])
+
+
+@pytest.mark.slow
+def test_eval_tokens_cuts_at_the_block_that_reaches_it(world):
+    """--eval-tokens 20 with blocks of 16 scored tokens, 4 blocks a batch: 2 blocks (32 tokens), not the whole first
+    batch (64), and their word probabilities are the full run's first 32."""
+    lp, _ = printed(world.runs["eval_tokens"])
+    assert evaluated_tokens(world.runs["eval_tokens"].output) == len(lp) == 2 * (TPS - CW)
+    np.testing.assert_array_equal(lp, printed(world.runs["temp0"])[0][: len(lp)])
+
+
+@pytest.mark.slow
+def test_the_plugin_quiets_what_drowns_its_lines(world):
+    """No faiss loader chatter (its 'ModuleNotFoundError ... avx512' reads like an error), no Hydra deprecation
+    warnings or DEBUG lines, none of the two torch UserWarnings fairseq triggers on a CPU: the run's own lines stay."""
+    out = world.runs["temp0"].output
+    for noise in ("faiss.loader", "swigfaiss", "hydra", "version_base", "UserWarning", "pin_memory"):
+        assert noise not in out, noise
+    assert "kNN-LM: " in out and "Loss (base 2)" in out

@@ -98,6 +98,11 @@ class Datastore:
         return int(self.manifest["count"])
 
     @property
+    def keys_in_memory(self) -> bool:
+        """Whether every part's keys were read into RAM (--dstore-in-memory), not memory-mapped."""
+        return not any(isinstance(k, np.memmap) for k in self.key_parts)
+
+    @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
 

@@ -13,6 +13,13 @@ def plugin_at_work(a) -> bool:
 
 
 def check_config(a) -> None:
+    if a.tokens_per_sample <= 0:
+        # fairseq-eval-lm subtracts --context-window from --tokens-per-sample before the task exists; at 0 or below
+        # fairseq ends in a ZeroDivisionError (or a negative-size ValueError) deep inside its block splitter
+        raise KnnlmError(f"--context-window must be smaller than --tokens-per-sample (each block scores "
+                         f"tokens-per-sample minus context-window new tokens; these leave {a.tokens_per_sample}); "
+                         f"pass a smaller --context-window, e.g. the paper's --tokens-per-sample 3072 "
+                         f"--context-window 2560")
     if plugin_at_work(a) and a.checkpoint_path and os.pathsep in a.checkpoint_path:
         # fairseq-eval-lm 0.12 would look for one file named "a.pt:b.pt" and fail with a traceback
         raise KnnlmError(f"--path names {len(a.checkpoint_path.split(os.pathsep))} checkpoints; kNN-LM scores with "

@@ -87,8 +87,9 @@ class ThenFinish(_Wrapper):
 
 
 class FirstTokens(_Wrapper):
-    """Batches up to the one that brings the scored tokens to at least `limit`: a prefix of the split, whole
-    blocks, each with the context window it has in the full split."""
+    """The split's first blocks, up to the one that brings the scored tokens to at least `limit`: a prefix of the
+    split in whole blocks, each with the context window it has in the full split. The batch that reaches the limit
+    is cut after that block (its rows are blocks in text order)."""
 
     def __init__(self, itr, limit: int, pad: int):
         self.itr, self.limit, self.pad, self.scored = itr, limit, pad, 0
@@ -98,8 +99,23 @@ class FirstTokens(_Wrapper):
             raise StopIteration
         sample = next(self.itr)
         if sample:
+            per_block = sample["target"].ne(self.pad).sum(1)  # (B,) tokens each block scores
+            reached = (per_block.cumsum(0) + self.scored >= self.limit).nonzero()
+            if len(reached):
+                sample = _first_rows(sample, int(reached[0]) + 1, len(per_block))
+                sample["nsentences"] = int(reached[0]) + 1
+                sample["ntokens"] = int(sample["target"].ne(self.pad).sum())
             self.scored += int(sample["target"].ne(self.pad).sum())
         return sample
+
+
+def _first_rows(sample, rows: int, batch: int):
+    """The sample with every per-block tensor (first dimension `batch`) cut to its first `rows` rows."""
+    if isinstance(sample, dict):
+        return {key: _first_rows(value, rows, batch) for key, value in sample.items()}
+    if hasattr(sample, "shape") and len(sample.shape) and sample.shape[0] == batch:
+        return sample[:rows]
+    return sample
 
 
 class InTextOrder(BaseWrapperDataset):

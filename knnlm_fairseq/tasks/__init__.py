@@ -1,4 +1,7 @@
 from .. import plugin
-from . import knn_eval  # noqa: F401  (registers the knn_eval task)
+from ..plugin.quiet import quiet
+
+quiet()  # before knn_eval imports faiss, whose loader logs every instruction set it tries
+from . import knn_eval  # noqa: E402,F401  (registers the knn_eval task)
 
 plugin.activate()
