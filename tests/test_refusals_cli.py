@@ -135,6 +135,20 @@ def dev_full_keys(w):
     return ("--save-dstore", "--dstore-dir", d)
 
 
+def settings_of(w, name: str, index_sidecar=None):
+    """A --knn-settings file tuned for w.dstore and this checkpoint; index_sidecar: the index it names (None: none,
+    as a file written before knnlm-sweep recorded the index)."""
+    m = json.loads((w.dstore / "manifest.json").read_text())
+    tuned = {"dstore_fingerprint": m["fingerprint"], "checkpoint_sha256": m["checkpoint"]["sha256"]}
+    if index_sidecar is not None:
+        side = json.loads((w.dstore / index_sidecar).read_text())
+        tuned.update(index_id=f"sha256:{side['index_sha256']}", index_factory=side["factory_used"])
+    path = w.root / name
+    path.write_text(json.dumps({"format": "knnlm-settings/1", "tuned_for": tuned, "knnlm": {
+        "index_file": "index.faiss", "k": 8, "lmbda": 0.25, "knn_temp": 3.0, "knn_dist": "exact"}}))
+    return ("--knnlm", "--dstore-dir", w.dstore, "--knn-settings", path)
+
+
 KNN = ("--knnlm", "--k", 8, "--lmbda", 0.25, "--knn-temp", 3)
 GRID = r"need --cache-size >= 0, --cache-theta > 0 and --cache-lmbda in \[0, 1\); got "
 
@@ -173,6 +187,18 @@ EVAL_LM = {
     "index_swapped_under_its_sidecar": (index_swapped_under_its_sidecar,
                                         r"swapped-index/index\.faiss is not the index its sidecar index\.faiss\.json "
                                         r"describes \(copied or rebuilt separately\); rebuild it with knnlm-build-index"),
+    # settings tuned on another index than the one searched (as after knnlm-build-index --force), or on none known
+    "settings_tuned_on_another_index": (
+        lambda w: settings_of(w, "tuned-on-ip.json", "ip.faiss.json"),
+        r"--knn-settings .*tuned-on-ip\.json was tuned on another index \(Flat, sha256 [0-9a-f]{12}\) than "
+        r".*dstore/index\.faiss \(Flat, sha256 [0-9a-f]{12}\), rebuilt or replaced since; re-run the recording pass "
+        r"\(fairseq-eval-lm --knnlm --save-retrieval\) on .* and knnlm-sweep --write-settings, or pass the index the "
+        r"settings were tuned on"),
+    "settings_without_index_digest": (
+        lambda w: settings_of(w, "tuned-before-digests.json"),
+        r"--knn-settings .*tuned-before-digests\.json does not record which index it was tuned on \(written before "
+        r"knnlm-sweep recorded one, or from a log without it\); re-run the recording pass \(fairseq-eval-lm --knnlm "
+        r"--save-retrieval\) on .*dstore/index\.faiss and knnlm-sweep --write-settings"),
     "other_key_type": (lambda w: (*KNN, "--dstore-dir", w.dstore, "--knn-keytype", "last_block_output"),
                        r"holds 'last_ffn_input' keys but 'last_block_output' was asked; pass --knn-keytype "
                        r"last_ffn_input or dump again"),
@@ -227,8 +253,17 @@ def refused(world):
         lambda: run("knnlm-merge-dstore", w.root / "merged-mixed", w.dstore, w.other_keys, check=False),
         lambda: run("knnlm-merge-dstore", w.dstore, w.other_keys, check=False),
     ]
+    # outputs a later stage trusts, never replaced without --force: an index (another factory: other bytes), settings
+    settings_there = w.root / "settings-there.json"
+    settings_there.write_text('{"format": "knnlm-settings/1"}\n')
+    calls += [
+        lambda: run("knnlm-build-index", w.dstore, "--factory", "IVF4,Flat", "--threads", 1, "--no-progress-bar",
+                    check=False),
+        lambda: run("knnlm-sweep", w.root / "some-log", "--write-settings", settings_there, check=False),
+    ]
     procs = parallel(*calls)
-    names = list(cases) + ["full_disk_efbig", "merge_other_key_type", "merge_into_a_datastore"]
+    names = list(cases) + ["full_disk_efbig", "merge_other_key_type", "merge_into_a_datastore",
+                           "build_index_over_an_index", "sweep_over_settings"]
     return dict(zip(names, procs)), before, tree_sha256(*watched)
 
 
@@ -307,6 +342,23 @@ def test_merge_refuses_datastores_dumped_otherwise(world, refused):
     assert not os.path.exists(world.root / "merged-mixed")
     assert_refused(procs["merge_into_a_datastore"], r"dstore already holds a datastore; choose another output directory",
                    prog="knnlm-merge-dstore")
+
+
+def test_build_index_refuses_to_replace_an_index(refused):
+    """Without --force the index and its sidecar stay byte for byte (test_refused_runs_left_every_file_alone)."""
+    procs, _, _ = refused
+    assert_refused(procs["build_index_over_an_index"], r"dstore/index\.faiss already holds an index \(Flat, [0-9,]+ "
+                                                       r"keys\): .*pass --force to replace it \(then record and tune "
+                                                       r"again\), or --output NEW_NAME", prog="knnlm-build-index")
+
+
+def test_sweep_refuses_to_replace_settings(world, refused):
+    """Refused before any log is read; the file is left as it was."""
+    procs, _, _ = refused
+    assert_refused(procs["sweep_over_settings"], r"settings-there\.json already exists \(settings fairseq-eval-lm "
+                                                 r"--knn-settings reads\); pass --force to replace it, or another "
+                                                 r"--write-settings FILE", prog="knnlm-sweep")
+    assert (world.root / "settings-there.json").read_text() == '{"format": "knnlm-settings/1"}\n'
 
 
 def test_enospc_is_the_errno_of_dev_full():

@@ -6,7 +6,7 @@ import sys
 
 from ..core.datastore import Datastore
 from ..core.errors import KnnlmError
-from ..core.index import DEFAULT_FACTORY, METRICS, build_index
+from ..core.index import DEFAULT_FACTORY, METRICS, build_index, check_output_free
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-chunk", type=int, default=1_000_000, help="keys read and added per step")
     p.add_argument("--seed", type=int, default=1, help="training sample seed")
     p.add_argument("--output", default="index.faiss", help="index file, relative to the datastore directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an index already at --output (retrieval logs and --knn-settings tuned on it are then "
+                        "refused: record and tune again); without it an existing index is never overwritten")
     p.add_argument("--gpu", action="store_true", help="train and add on all visible GPUs (faiss-gpu)")
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
     p.add_argument("--checkpoint-seconds", type=float, default=600.0,
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
     out = args.output if os.path.isabs(args.output) else os.path.join(args.dstore_dir, args.output)
     try:
         dstore = Datastore.open(args.dstore_dir)
+        if not args.force:
+            check_output_free(out)
         if not args.no_verify:  # an index over flipped bytes would serve wrong neighbours without a sign
             logging.getLogger("knnlm-build-index").info("checking the datastore's sha256 (--no-verify skips it)")
             dstore.verify()

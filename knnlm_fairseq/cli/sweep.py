@@ -4,6 +4,7 @@ Tunes on the first log (valid) and applies the tuned settings to the others (tes
 """
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -46,7 +47,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "the tune log at its tuned approx/exact setting (reads the datastore's keys)")
     p.add_argument("--pointer-tokens", type=int, default=20000, help="tokens of the tune log the simulation replays")
     p.add_argument("--write-settings", metavar="FILE",
-                   help="write the cheapest tuned settings within --max-ppl-increase for fairseq-eval-lm --knn-settings")
+                   help="write the cheapest tuned settings within --max-ppl-increase for fairseq-eval-lm --knn-settings "
+                        "(they name the datastore, checkpoint and index of the tune log; an existing FILE is refused "
+                        "without --force)")
+    p.add_argument("--force", action="store_true", help="with --write-settings: replace an existing FILE")
     p.add_argument("--max-ppl-increase", type=float, default=0.5,
                    help="with --write-settings: the largest perplexity increase on the tune log, in percent of the "
                         "best paper-faithful setting (exact distances, the log's k), that buys fewer searches")
@@ -117,6 +121,11 @@ def pointer_sweep(args, log, tuned) -> list:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    if args.write_settings and os.path.exists(args.write_settings) and not args.force:  # before hours of sweeping
+        print(f"knnlm-sweep: error: {args.write_settings} already exists (settings fairseq-eval-lm --knn-settings "
+              f"reads); pass --force to replace it, or another --write-settings FILE", file=sys.stderr)
+        return 2
+    from ..core.durable import write_text_atomic
     from ..core.retrieval_log import RetrievalLog
     from ..core.sweep import best, lookup, sweep
 
@@ -158,14 +167,15 @@ def main(argv=None) -> int:
         if args.write_settings:
             chosen = choose(out["adaptive"], results[0], args.max_ppl_increase)
             out["chosen"] = chosen
-            with open(args.write_settings, "w") as f:
-                json.dump(settings_file(logs[0], chosen), f, indent=1)
-                f.write("\n")
+            settings = settings_file(logs[0], chosen)
+            write_text_atomic(args.write_settings, json.dumps(settings, indent=1) + "\n")  # the durable commit
             print(f"wrote {args.write_settings}: {chosen['summary']}")
+            if not settings["tuned_for"]["index_id"]:
+                print(f"knnlm-sweep: warning: {args.tune} does not record the index it searched (recorded before "
+                      f"logs did): fairseq-eval-lm --knn-settings will refuse {args.write_settings}; record the log "
+                      f"again (fairseq-eval-lm --knnlm --save-retrieval) and sweep it", file=sys.stderr)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_text_atomic(args.output, json.dumps(out, indent=1) + "\n")
     return 0
 
 

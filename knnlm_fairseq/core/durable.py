@@ -58,6 +58,17 @@ def write_json_atomic(path: str, obj: Dict) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """write_json_atomic's commit for a file whose text the caller formats (e.g. JSON laid out its own way)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def read_json(path: str, what: str) -> Dict:
     """A committed JSON record, or a one-line error naming the file (`what`: how to make it again)."""
     try:

@@ -2,6 +2,12 @@
 
 The index file is written atomically with a sidecar (INDEX.json) naming the datastore it was built over;
 retriever.py refuses an index whose sidecar does not match.
+
+An index's identity, for what was tuned on it (retrieval logs, --knn-settings): the sha256 of the whole index
+file, computed once at build time and recorded in the sidecar (`index_sha256`; one more sequential read of the
+file, seconds for a multi-GB index against minutes to hours of building). Readers never re-hash the file: they
+check that the sidecar belongs to it with `index_digest` (its size and first and last MiB: one stat and 2 MiB
+read) and take the identity from the sidecar. The .ivfdata file of an --ondisk index is not part of the digest.
 """
 import logging
 import os
@@ -13,7 +19,7 @@ import faiss
 import numpy as np
 
 from .datastore import Datastore
-from .durable import write_json_atomic
+from .durable import read_json, sha256_file, write_json_atomic
 from .errors import KnnlmError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,49 @@ def index_digest(path: str, edge: int = 1 << 20) -> str:
 
 def index_meta_path(index_path: str) -> str:
     return index_path + ".json"
+
+
+def resolve_index_path(dstore_dir: str, index_file: str) -> str:
+    """--index-file, relative to --dstore-dir unless absolute."""
+    return index_file if os.path.isabs(index_file) else os.path.join(dstore_dir, index_file)
+
+
+def index_identity(index_path: str) -> Dict:
+    """What a retrieval log and the settings tuned on it record of the index they searched.
+
+    id: "sha256:<the file's sha256 recorded at build time>"; an index built before that was recorded is named by
+    its sidecar's cheap digest instead ("edges:<size, first and last MiB>"). Costs one stat and 2 MiB read: the
+    sidecar is checked against the file, never the whole file re-hashed.
+    """
+    mpath = index_meta_path(index_path)
+    if not os.path.exists(index_path) or not os.path.exists(mpath):
+        raise KnnlmError(f"no index at {index_path} (with {os.path.basename(mpath)}); run knnlm-build-index first")
+    meta = read_json(mpath, "rebuild the index with knnlm-build-index --force")
+    if meta.get("index_digest") != index_digest(index_path):
+        raise KnnlmError(f"{index_path} is not the index its sidecar {os.path.basename(mpath)} describes (copied "
+                         f"or rebuilt separately); rebuild it with knnlm-build-index --force")
+    sha = meta.get("index_sha256")
+    return {"id": f"sha256:{sha}" if sha else f"edges:{meta['index_digest']}", "path": os.path.abspath(index_path),
+            "factory": meta.get("factory_used", meta.get("factory")), "metric": meta.get("metric"),
+            "ntotal": meta.get("ntotal")}
+
+
+def check_output_free(index_path: str) -> None:
+    """knnlm-build-index without --force: refuse to replace an index (settings tuned on it would silently apply to
+    the new one). An index file beside an unfinished build's record (INDEX.partial.json) is that build's to resume."""
+    mpath = index_meta_path(index_path)
+    unfinished = os.path.exists(index_path + ".partial.json")
+    if os.path.exists(mpath) or (os.path.exists(index_path) and not unfinished):
+        what = ""
+        if os.path.exists(mpath):
+            try:
+                meta = read_json(mpath, "")
+                what = f" ({meta.get('factory_used', meta.get('factory'))}, {meta.get('ntotal'):,} keys)"
+            except (KnnlmError, OSError, TypeError, ValueError):
+                pass
+        raise KnnlmError(f"{index_path} already holds an index{what}: retrieval logs and --knn-settings tuned on it "
+                         f"would no longer match; pass --force to replace it (then record and tune again), or "
+                         f"--output NEW_NAME to build another beside it")
 
 
 def _sample_rows(dstore: Datastore, size: int, seed: int) -> np.ndarray:
@@ -144,7 +193,8 @@ def build_index(
     """Train on <= train_size sampled keys, add every key in chunks, write index + sidecar atomically.
 
     The trained index, and every checkpoint_seconds the keys added so far, are saved to INDEX.partial:
-    running the same build again after a crash resumes there instead of starting over.
+    running the same build again after a crash resumes there instead of starting over. An index already at
+    index_path is replaced: knnlm-build-index refuses that without --force (check_output_free).
     """
     if metric not in METRICS:
         raise KnnlmError(f"unknown metric '{metric}'; use one of {sorted(METRICS)}")
@@ -202,7 +252,8 @@ def build_index(
             index = faiss.index_gpu_to_cpu(work)
     _write_index_atomic(index, index_path)
     meta = {
-        "index_digest": index_digest(index_path),
+        "index_digest": index_digest(index_path),  # cheap: does this sidecar belong to the file (checked at load)
+        "index_sha256": sha256_file(index_path),  # the index's identity (logs and settings tuned on it)
         "factory": factory,
         "factory_used": used,
         "metric": metric,

@@ -13,7 +13,8 @@ Layout of a retrieval log directory (rows in eval-lm's scoring order):
     lm_max_lp.npy    (n,) float32     the LM's largest log-prob: another such signal
     block_start.npy  (n,) bool        the row's previous token was not scored with it (a block's first row):
                                       where a chain of pointer reuse must search again
-    meta.json        k, dim, metric, split, datastore fingerprint, count; written last (the commit point)
+    meta.json        k, dim, metric, split, datastore fingerprint, count, the index searched ("index": its
+                                      identity, core/index.py index_identity); written last (the commit point)
 """
 import os
 from typing import Dict

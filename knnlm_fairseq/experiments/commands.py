@@ -118,7 +118,8 @@ def cache_eval(*window, cache_log: str, size: int, thetas: str, **kw) -> Command
 
 def build_index(dstore: str, factory: str, train_size: int, output: Optional[str] = None,
                 extra: Sequence[str] = ()) -> Command:
-    """knnlm-build-index; its sidecar OUTPUT.json names the datastore and is written after the index."""
+    """knnlm-build-index; its sidecar OUTPUT.json names the datastore and is written after the index. No --force:
+    a stage removes its outputs before making them again (stages.py), and an unfinished build resumes."""
     index = os.path.join(dstore, output or INDEX_FILE)
     argv = [f"{BIN}/knnlm-build-index", dstore, "--factory", factory, "--train-size", train_size]
     argv += ([] if output is None else ["--output", output]) + ["--no-progress-bar", *extra]
@@ -131,8 +132,14 @@ def sweep(logs: Sequence[str], output: str, lmbdas, ks, temps, extra: Sequence[s
     """knnlm-sweep: tune on the first log, apply to the rest (with cache logs: the cache too); the JSON output is
     its commit point."""
     cache = ["--cache-logs", *cache_logs] if cache_logs else []
+    extra = [str(x) for x in extra]
+    # --write-settings FILE (in extra): the stage remakes it on purpose (knnlm-sweep refuses an existing FILE
+    # without --force, and FILE is written before the commit point, so an interrupted run may leave one behind)
+    settings = [extra[extra.index("--write-settings") + 1]] if "--write-settings" in extra else []
+    force = ["--force"] if settings else []
     return Command([f"{BIN}/knnlm-sweep", *logs, "--lmbdas", joined(lmbdas), "--ks", joined(ks), "--temps",
-                    joined(temps), *extra, *cache, "--output", output], commit=output, outputs=[output],
+                    joined(temps), *extra, *force, *cache, "--output", output], commit=output,
+                   outputs=[output, *settings],
                    expect={"settings.ks": [int(k) for k in ks], "settings.temps": [float(t) for t in temps],
                            "settings.lmbdas": [float(x) for x in lmbdas]},
                    inputs=[os.path.join(log, "meta.json") for log in [*logs, *cache_logs]])

@@ -183,12 +183,22 @@ class KnnEvalTask(LanguageModelingTask):
                 key_type=str(a.knn_keytype), dim=key_dim(model.decoder, str(a.knn_keytype)))
             if self.settings is not None:
                 check_settings_target(self.settings, a.knn_settings, self.retriever.dstore.fingerprint,
-                                      self._checkpoint()["sha256"])
-            logger.info(f"kNN-LM: {self.retriever.dstore.count:,} entries, k={a.k}, lmbda={a.lmbda}, T={a.knn_temp}, "
-                        f"nprobe={a.probe}, {self.retriever.metric}, {a.knn_dist} distances")
+                                      self._checkpoint()["sha256"], index_path=os.path.join(a.dstore_dir, a.index_file))
         wrapped = KnnLM(model, Pipeline(model.decoder, [], self.dictionary.pad()))
         self.knn_models.append(wrapped)
         return wrapped
+
+    def build_generator(self, models, args, *rest, **kwargs):
+        # fairseq-generate, fairseq-interactive and the hub (generate/sample/score) all ask for a generator right after
+        # loading the model and before any generation; kNN-LM's pipeline exists only under fairseq-eval-lm, so a
+        # generator would silently run the base LM
+        if plugin_at_work(self.args):
+            a = self.args
+            flags = " ".join(f for f, on in (("--knnlm", a.knnlm), ("--save-dstore", a.save_dstore),
+                                             ("--cache-size N", a.cache_size)) if on)
+            raise KnnlmError(f"kNN-LM generation is not supported yet; score text with fairseq-eval-lm {flags}, or drop "
+                             f"{flags} to generate with the base LM")
+        return super().build_generator(models, args, *rest, **kwargs)
 
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, num_shards: int = 1, shard_id: int = 0,
                            **kwargs):
@@ -210,6 +220,11 @@ class KnnEvalTask(LanguageModelingTask):
             model.pipeline.remove()
             model.pipeline = Pipeline(model.decoder, self._components(dataset, context_window, shard_id),
                                       self.dictionary.pad())
+            if self.retriever is not None:  # logged here, where kNN-LM really runs (never under a generator)
+                a = self.args
+                logger.info(f"kNN-LM: {self.retriever.dstore.count:,} entries, k={a.k}, lmbda={a.lmbda}, "
+                            f"T={a.knn_temp}, nprobe={a.probe}, {self.retriever.metric}, {a.knn_dist} distances, "
+                            f"keys {'in RAM' if self.retriever.dstore.keys_in_memory else 'memory-mapped'}")
         if self.args.eval_tokens:
             itr = FirstTokens(itr, self.args.eval_tokens, self.dictionary.pad())
         if self.args.save_dstore and self._writer.skip:
@@ -269,12 +284,17 @@ class KnnEvalTask(LanguageModelingTask):
                                meta, key_dtype=str(a.dstore_key_dtype), commit_seconds=a.dstore_commit_seconds)
 
     def _retrieval_log(self, split: Optional[str]) -> RetrievalLogWriter:
-        r = self.retriever
-        return RetrievalLogWriter(self.args.save_retrieval, r.k, {
-            "split": split, "metric": r.metric, "nprobe": self.args.probe,
+        from ..core.index import index_identity, resolve_index_path
+
+        r, a = self.retriever, self.args
+        return RetrievalLogWriter(a.save_retrieval, r.k, {
+            "split": split, "metric": r.metric, "nprobe": a.probe,
             "dstore": {"path": os.path.abspath(r.dstore.path), "count": r.dstore.count,
                        "fingerprint": r.dstore.fingerprint},
-            "index_file": self.args.index_file, "checkpoint": self._checkpoint(),
+            # the searched index's identity (its sidecar's build-time sha256): knnlm-sweep --write-settings carries
+            # it into the settings, and --knn-settings refuses them on any other index
+            "index_file": a.index_file, "index": index_identity(resolve_index_path(a.dstore_dir, a.index_file)),
+            "checkpoint": self._checkpoint(),
         }, dim=r.dstore.dim)
 
     def _cache_log(self, split: Optional[str], context_window: int, thetas) -> RetrievalLogWriter:
