@@ -59,7 +59,10 @@ install: browser
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install "$(FAISS)" -e ".[test,lint]"
-	$(BIN)/python -c "import fairseq, faiss, torch, knnlm_fairseq; print('fairseq', fairseq.__version__, 'torch', torch.__version__, 'faiss', faiss.__version__)"
+	# fairseq 0.12.3 reads np.compat.long, gone in numpy 2: a .pth adds back that one alias, for stock fairseq runs
+	# without --user-dir too (knnlm_fairseq/plugin/numpy_compat.py)
+	$(BIN)/python -m knnlm_fairseq.plugin.numpy_compat
+	$(BIN)/python -c "import fairseq, faiss, numpy, torch, knnlm_fairseq; assert numpy.compat.long is int; print('fairseq', fairseq.__version__, 'torch', torch.__version__, 'faiss', faiss.__version__)"
 
 # Debian's chromium + chromedriver for the viewer's browser test (tests/test_inspect_html.py); a no-op when present.
 # No recommends (upower, udev, printers): a headless page needs only the browser, its driver and one font.

@@ -26,6 +26,7 @@ setup(
             "knnlm-prepare-text = knnlm_fairseq.cli.prepare_text:main",
             "knnlm-merge-dstore = knnlm_fairseq.cli.merge_dstore:main",
             "knnlm-inspect = knnlm_fairseq.cli.inspect:main",
+            "knnlm-flags = knnlm_fairseq.tasks.flags:main",
         ]
     },
 )

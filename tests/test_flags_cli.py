@@ -22,6 +22,7 @@ Plumbing broken once by hand in this branch (each alone, then reverted), and the
 import json
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import faiss
@@ -89,12 +90,13 @@ def world(tmp_path_factory):
         "other_as_default": knn(w.other),
         "record": knn(w.main, *ivf, "--probe", NLIST, "--save-retrieval", w.record),  # for knnlm-sweep
         "eval_tokens": knn(w.main, "--eval-tokens", 20),  # blocks score 16 new tokens each, 4 blocks a batch
+        "threads2": knn(w.main, "--knn-threads", 2),  # the last --knn-threads wins (OMP_NUM_THREADS=1 here)
         "fp16": knn(w.main, "--fp16"),  # half-precision queries through search and mix
         "knn_gpu": knn(w.main, "--knn-gpu"),  # faiss-cpu here: refused, never silently searched on the CPU
     }
     w.runs = dict(zip(calls, parallel(*calls.values())))
     # a gated, approximate-distance point written by the sweep from the recorded valid pass, then run live
-    run_cli("knnlm-sweep", w.record, "--lmbdas", "0,0.25,0.5,0.75", "--temps", "0.5,5", "--kinds", "approx",
+    w.sweep = run_cli("knnlm-sweep", w.record, "--lmbdas", "0,0.25,0.5,0.75", "--temps", "0.5,5", "--kinds", "approx",
             "--gates", "max_lp", "--buckets", 4, "--write-settings", w.gated, "--max-ppl-increase", 2)
     later = {"gated": lambda: eval_lm(w, "--knnlm", "--dstore-dir", w.main, "--knn-settings", w.gated, "--knn-stats",
                                       w.stats, "--knn-threads", 1, check=False),
@@ -303,3 +305,21 @@ def test_the_plugin_quiets_what_drowns_its_lines(world):
     for noise in ("faiss.loader", "swigfaiss", "hydra", "version_base", "UserWarning", "pin_memory"):
         assert noise not in out, noise
     assert "kNN-LM: " in out and "Loss (base 2)" in out
+
+
+@pytest.mark.slow
+def test_knn_threads_sets_faiss_threads(world):
+    """faiss's default here is 1 (OMP_NUM_THREADS=1): --knn-threads 2 reaches faiss, and changes no number."""
+    assert "1 search threads" in world.runs["temp0"].output and "2 search threads" in world.runs["threads2"].output
+    np.testing.assert_array_equal(printed(world.runs["threads2"])[0], printed(world.runs["temp0"])[0])
+
+
+@pytest.mark.slow
+def test_the_recording_pass_says_it_is_untuned_and_gives_the_base(world):
+    """The first kNN number a user sees is an untuned one: the run says so, with the base LM's perplexity on the same
+    tokens (the oracle's), and the sweep says why it wrote the point it wrote."""
+    out = world.runs["record"].output
+    base = float(re.search(r"UNTUNED settings .*base LM perplexity on these tokens ([0-9.]+)", out).group(1))
+    assert base == pytest.approx(math.exp(-world.valid_lm.mean()), abs=0.006)
+    assert "why this point: the fewest searches" in world.sweep.output
+    assert "--max-ppl-increase 2% (default 0.5%)" in world.sweep.output

@@ -1,4 +1,5 @@
 """Recording what the hot path saw, per scored token, for offline sweeps (--save-retrieval, --save-cache)."""
+import math
 from typing import Dict, Sequence
 
 from ..core import cache, signals
@@ -13,8 +14,11 @@ class RetrievalRecorder(Component):
 
     def __init__(self, log: RetrievalLogWriter, key_type: str):
         self.log, self.key_types = log, (key_type,)
+        self.lm_nll, self.count = 0.0, 0  # the base LM's loss over the recorded tokens, said beside the untuned one
 
     def on_scores(self, step: Step) -> None:
+        self.lm_nll -= float(step.lm_target_lp.double().sum())
+        self.count += int(step.lm_target_lp.numel())
         nb = step.neighbours
         assert nb is not None and nb.exact is not None, "RetrievalRecorder needs a search with both distances"
         self.log.add(target=step.target.cpu().numpy(), lm_lp=step.lm_target_lp.cpu().numpy(),
@@ -26,7 +30,8 @@ class RetrievalRecorder(Component):
 
     def close(self) -> Dict:
         meta = self.log.close()
-        return {"rows": meta["count"], "path": self.log.path}
+        return {"rows": meta["count"], "path": self.log.path,
+                "base_ppl": math.exp(self.lm_nll / self.count) if self.count else None}
 
 
 class CacheRecorder(Component):

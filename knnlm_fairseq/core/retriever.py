@@ -85,6 +85,11 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 class Retriever:
     """k nearest datastore entries for a batch of queries, with the index's and (optionally) exact distances."""
 
+    @property
+    def threads(self) -> int:
+        """faiss's OpenMP threads for the searches (what --knn-threads set, else faiss's default)."""
+        return faiss.omp_get_max_threads()
+
     def __init__(self, dstore: Datastore, index: faiss.Index, metric: str, k: int, exact: bool = True,
                  chunk_floats: int = 1 << 22):
         if k < 1:

@@ -1,8 +1,6 @@
 """Refusing flag combinations of the knn_eval task before anything runs: one line naming the fix."""
 import os
 
-import numpy as np
-
 from ..core.datastore import MANIFEST
 from ..core.errors import KnnlmError
 
@@ -24,9 +22,6 @@ def check_config(a) -> None:
         # fairseq-eval-lm 0.12 would look for one file named "a.pt:b.pt" and fail with a traceback
         raise KnnlmError(f"--path names {len(a.checkpoint_path.split(os.pathsep))} checkpoints; kNN-LM scores with "
                          f"exactly one (fairseq-eval-lm does not ensemble): pass one checkpoint")
-    if str(a.sample_break_mode) == "eos" and not hasattr(np, "compat"):
-        raise KnnlmError("--sample-break-mode eos fails inside fairseq 0.12.3 with numpy >= 2 (it calls np.compat, "
-                         "removed in numpy 2); use the default --sample-break-mode none")
     if a.knnlm and a.save_dstore:
         raise KnnlmError("--knnlm and --save-dstore are separate runs; pass one of them")
     if (a.knnlm or a.save_dstore) and not a.dstore_dir:

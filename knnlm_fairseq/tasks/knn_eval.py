@@ -55,7 +55,7 @@ class KnnEvalConfig(LanguageModelingConfig):
         default="index.faiss", metadata={"help": "faiss index, relative to --dstore-dir unless absolute"}
     )
     k: int = field(default=1024, metadata={"help": "neighbours retrieved per token"})
-    lmbda: float = field(default=0.25, metadata={"help": "weight of p_kNN in the interpolation"})
+    lmbda: float = field(default=0.25, metadata={"help": "weight λ of p_kNN in the interpolation, in [0, 1)"})
     knn_temp: float = field(default=1.0, metadata={"help": "temperature T in p_kNN ∝ exp(-d/T)"})
     probe: int = field(default=32, metadata={"help": "IVF lists visited per query (faiss nprobe)"})
     knn_sim: Optional[ChoiceEnum(["l2", "ip"])] = field(
@@ -106,7 +106,8 @@ class KnnEvalConfig(LanguageModelingConfig):
     knn_settings: Optional[str] = field(
         default=None,
         metadata={"help": "JSON written by knnlm-sweep --write-settings: k, λ, T, distances, probes and the gate "
-                          "tuned on valid for this datastore and checkpoint; a flag that contradicts it is refused"},
+                          "tuned on valid; refused for another datastore, checkpoint or index, and a flag that "
+                          "contradicts it is refused"},
     )
     knn_gate_signal: Optional[ChoiceEnum(["entropy", "max_lp"])] = field(
         default=None,
@@ -224,7 +225,8 @@ class KnnEvalTask(LanguageModelingTask):
                 a = self.args
                 logger.info(f"kNN-LM: {self.retriever.dstore.count:,} entries, k={a.k}, lmbda={a.lmbda}, "
                             f"T={a.knn_temp}, nprobe={a.probe}, {self.retriever.metric}, {a.knn_dist} distances, "
-                            f"keys {'in RAM' if self.retriever.dstore.keys_in_memory else 'memory-mapped'}")
+                            f"keys {'in RAM' if self.retriever.dstore.keys_in_memory else 'memory-mapped'}, "
+                            f"{self.retriever.threads} search threads")
         if self.args.eval_tokens:
             itr = FirstTokens(itr, self.args.eval_tokens, self.dictionary.pad())
         if self.args.save_dstore and self._writer.skip:
@@ -313,6 +315,13 @@ class KnnEvalTask(LanguageModelingTask):
             model.pipeline.components = []
             if self.args.save_dstore and self.num_shards > 1:
                 assemble_shards(self.args.dstore_dir, self.num_shards)
+            recorded = stats.get("RetrievalRecorder")
+            if recorded and recorded["base_ppl"] is not None:
+                a = self.args
+                logger.info(f"recorded {recorded['rows']:,} tokens for knnlm-sweep at UNTUNED settings (k={a.k}, "
+                            f"lmbda={a.lmbda}, T={a.knn_temp}): the perplexity below is not kNN-LM's best; base LM "
+                            f"perplexity on these tokens {recorded['base_ppl']:.2f}; tune with knnlm-sweep "
+                            f"{recorded['path']} --write-settings FILE")
             search = stats.get("KnnSearch")
             if search and search["searched"]:
                 logger.info(f"kNN retrieval: {search['searched']:,} queries in {search['seconds']:.1f}s "
