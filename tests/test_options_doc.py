@@ -29,3 +29,12 @@ def test_every_flag_names_a_test_that_exists():
         for path, name in names:
             source = open(os.path.join(ROOT, "tests", path)).read()
             assert re.search(rf"^def {name}\(", source, re.M), f"tests/{path} has no {name}"
+
+
+def test_knnlm_flags_prints_an_absolute_user_dir():
+    """Outside the checkout `--user-dir knnlm_fairseq` ends in fairseq's bare FileNotFoundError: the README's
+    `--user-dir $(knnlm-flags --user-dir)` works from anywhere."""
+    from clis import run_cli
+
+    out = run_cli("knnlm-flags", "--user-dir", cwd="/").stdout.strip()
+    assert os.path.isabs(out) and os.path.isfile(os.path.join(out, "tasks", "knn_eval.py"))

@@ -6,6 +6,7 @@ docs/options.md, which tests/test_options_doc.py checks against this same list).
 import argparse
 import dataclasses
 import enum
+import os
 import sys
 import typing
 from typing import List, Tuple
@@ -55,7 +56,13 @@ def markdown_rows() -> List[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="knnlm-flags", description=__doc__)
     p.add_argument("--markdown", action="store_true", help="print docs/options.md's table rows (without the tests)")
+    p.add_argument("--user-dir", action="store_true",
+                   help="print the plugin's absolute directory, for --user-dir from any working directory "
+                        "(a relative --user-dir knnlm_fairseq works only in the checkout)")
     a = p.parse_args(argv)
+    if a.user_dir:
+        print(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return 0
     if a.markdown:
         print("\n".join(markdown_rows()))
         return 0
