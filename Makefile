@@ -211,7 +211,7 @@ WT103_REQUIRE_GPU ?= 1
 WT103_PAPER ?= config/paper_wt103.json
 WT103_DEVICE ?= --fp16
 WT103_ARGS ?= --factory IVF4096,PQ64 --train-size 1000000 --probe 32 --k 1024 --lmbda 0.25 --knn-temp 1 \
-	--temps 1 --dump-tokens-per-sample 3072 --dump-context-window 1536 \
+	--temps 1,3,10,30 --dump-tokens-per-sample 3072 --dump-context-window 1536 \
 	--eval-tokens-per-sample 3072 --eval-context-window 2560 --max-tokens 3072 \
 	--eval-extra=--softmax-batch=1024 --index-extra=--gpu
 

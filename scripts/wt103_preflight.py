@@ -14,6 +14,11 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from knnlm_fairseq.core.retrieval_log import bytes_per_token
+
+# one retrieval log per split (both distance kinds in it): WikiText-103 valid + test tokens, k=1024, 1024-d queries
+EVAL_TOKENS = 217_646 + 245_569
+LOG_BYTES = bytes_per_token(1024, 1024)
 # The README's capacity plan for WikiText-103 (103M entries of 1024-d fp16 keys = 2 KiB each, IVF4096,PQ64):
 # (stage, what it does, estimated time, disk it adds in GB)
 PLAN = [
@@ -23,11 +28,11 @@ PLAN = [
     ("dump", "one forward pass over train: 103M keys (1024-d fp16) and values, 1536 scored tokens per 3072 block",
      "2-4 GPU h", 211.8),
     ("index", "IVF4096,PQ64 trained on 1M sampled keys, 103M added (--gpu)", "~2 h CPU, less on GPU", 7.4),
-    ("evaluate", "base and kNN-LM (k=1024, exact distances) on valid and test; retrieval logs 12 KiB/token",
-     "1-2 GPU h", 5.7),
+    ("evaluate", f"base and kNN-LM (k=1024, exact distances) on valid and test; retrieval logs "
+                 f"{LOG_BYTES / 1024:.1f} KiB/token", "1-2 GPU h", round(EVAL_TOKENS * LOG_BYTES / 1e9, 1)),
     ("sweep", "lambda and T tuned offline on valid, applied to test", "< 0.2 h CPU", 0.0),
 ]
-PLAN_TOTAL = "4-6 GPU hours + 2-3 CPU hours (index), about 228 GB of disk"
+PLAN_TOTAL = f"4-6 GPU hours + 2-3 CPU hours (index), about {sum(p[3] for p in PLAN):.0f} GB of disk"
 
 
 def fmt_gb(x: float) -> str:

@@ -172,7 +172,7 @@ def test_preflight_checks_sources_and_prints_the_plan(site, paths):
     assert "downloads from WT103_URLS[1], the first of its 2 URLs that answers" in proc.output
     for stage in ("download", "binarize", "dump", "index", "evaluate", "sweep"):
         assert f"\n  {stage} " in proc.output
-    assert "211.8 GB" in proc.output and "4-6 GPU hours + 2-3 CPU hours (index), about 228 GB of disk" in proc.output
+    assert "211.8 GB" in proc.output and "4-6 GPU hours + 2-3 CPU hours (index), about 233 GB of disk" in proc.output
     assert {m for m, _, _ in site.requests} == {"HEAD"}  # the preflight downloads nothing
     assert not paths["WT103_DATA"].parent.exists()  # and writes nothing
 

@@ -39,6 +39,12 @@ ARRAYS = {  # name -> (dtype, row axis: None, "k" or "dim")
 }
 
 
+def bytes_per_token(k: int, dim: int, arrays: Dict = None) -> int:
+    """Disk a retrieval log takes per scored token at this k and key dimension (22,545 B at k=1024, 1024-d)."""
+    per = {None: 1, "k": k, "dim": dim}
+    return sum(np.dtype(dtype).itemsize * per[axis] for dtype, axis in (arrays or ARRAYS).values())
+
+
 # a continuous-cache log (--save-cache), from a base-LM pass; knnlm-sweep aligns it with a retrieval log
 CACHE_ARRAYS = {  # name -> (dtype, row axis; "k" is the θ axis here)
     "target": (np.int32, None),
