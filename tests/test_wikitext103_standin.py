@@ -1,7 +1,28 @@
 """`make wikitext103` end to end on a stand-in: WikiText-shaped text zipped and a tiny legacy-format checkpoint
 tarball (fairseq's adaptive_lm_wiki103.v2 layout), served over HTTP from 127.0.0.1 (tests/httpd.py) with a dead
 primary URL, so the real recipe runs: preflight, verified downloads, binarize, dump, index, evaluation, sweep
-and the PASS/FAIL comparison with the paper's numbers (config/paper_wt103.json, which the stand-in must FAIL)."""
+and the PASS/FAIL comparison with the paper's numbers (config/paper_wt103.json, which the stand-in must FAIL).
+
+The stand-in model is the paper's shape at toy size: tied adaptive input and softmax (cutoffs 200,1000 of a
+~4.9k vocabulary: a quarter of the targets are tail words), saved the 2019 way under the stock architecture
+name. Its numbers are checked against an oracle that shares nothing with the run but the checkpoint and faiss:
+the original (not the legacy) checkpoint replayed in-process with eval-lm's windows (tests/test_alignment_cli.py),
+each target's LM log-prob in float64 from the adaptive softmax's matrices (tests/test_adaptive_oracle_cli.py),
+the index searched by faiss itself for the replayed queries, exact distances recomputed in numpy from the
+dumped keys, values from the binarized train split; and a brute force over every dumped key, which the IVF-PQ
+index must come close to.
+
+Mutations seen to fail (each made by hand in a scratch copy of knnlm_fairseq, run, then discarded):
+  (a) keys one position late in dump and query (components/base.py Step.keys returned
+      flat[(self.first + self.rows + 1).clamp(max=flat.size(0) - 1)]): test_dump_is_the_replay,
+      test_retrieval_log_is_the_replay[valid, test] (0.05% of rows with the oracle's neighbours) and
+      test_standin_numbers_are_what_the_run_should_produce (valid kNN-LM 9.55, the oracle 267.5).
+  (b) λ 1% off in every mix (core/knn.py _log_weights: math.log(lmbda * 1.01)):
+      test_standin_numbers_are_what_the_run_should_produce (192.62, the oracle 193.16).
+  (c) the full mix weighting each row's neighbours by the previous row's distances (core/knn.py mix_rows:
+      knn_scores(dists[s : s + chunk].roll(1, 0), temp)): test_standin_numbers_are_what_the_run_should_produce
+      (193.84, the oracle 193.16).
+"""
 import hashlib
 import json
 import os
@@ -10,19 +31,24 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from clis import BIN, ROOT, USER_DIR, WT2_RAW, run_cli
 from httpd import Site
+from test_adaptive_oracle_cli import AdaptiveSoftmax64, adaptive_flags, brute_force_knn, load_adaptive, replay_features
+from test_alignment_cli import split_stream
 from test_legacy_checkpoint import make_legacy
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from reproduce import compare_with_paper, verdict  # noqa: E402
 
 LINES = {"train": 600, "valid": 120, "test": 120}
-K, LMBDA, TEMP = 64, 0.25, 1.0  # the stand-in's WT103_ARGS below
+K, LMBDA, TEMP, PROBE = 64, 0.25, 1.0, 8  # the stand-in's WT103_ARGS below
+DUMP_WINDOW, EVAL_WINDOW = (256, 128), (256, 192)  # (tokens per sample, context window)
+CUTOFF = "200,1000"
 
 
 def head(path, n):
@@ -55,7 +81,7 @@ def standin(tmp_path_factory):
     run_cli("fairseq-preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "train.txt",
             "--destdir", raw / "bin", "--workers", "1")
     run_cli("fairseq-train", raw / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "knnlm_tiny",
-            "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2048", "--tokens-per-sample", "256",
+            *adaptive_flags(CUTOFF), "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2048", "--tokens-per-sample", "256",
             "--max-update", "30", "--save-dir", raw / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
             "--seed", "1", "--disable-validation")
     pkg = tmp / "pkg" / "adaptive_lm_wiki103.v2"
@@ -77,12 +103,48 @@ def standin(tmp_path_factory):
             # this CPU: no GPU checks; the disk and RAM the stand-in needs are tiny
             "WT103_DEVICE=--cpu", "WT103_REQUIRE_GPU=0", "WT103_NEED_GB=1", "WT103_NEED_RAM_GB=1",
             # the real target's stages with small sizes (the real ones: see the Makefile's WT103_ARGS)
-            f"WT103_ARGS=--factory IVF4096,PQ8 --train-size 100000 --probe 8 --k {K} --lmbda {LMBDA} --knn-temp {TEMP} "
-            "--temps 1 --dump-tokens-per-sample 256 --dump-context-window 128 --eval-tokens-per-sample 256 "
-            "--eval-context-window 192 --max-tokens 2048 --eval-extra=--softmax-batch=1024",
+            f"WT103_ARGS=--factory IVF4096,PQ8 --train-size 100000 --probe {PROBE} --k {K} --lmbda {LMBDA} "
+            f"--knn-temp {TEMP} --temps 1 --dump-tokens-per-sample {DUMP_WINDOW[0]} --dump-context-window "
+            f"{DUMP_WINDOW[1]} --eval-tokens-per-sample {EVAL_WINDOW[0]} --eval-context-window {EVAL_WINDOW[1]} "
+            "--max-tokens 2048 --eval-extra=--softmax-batch=1024",
         ]  # WT103_PAPER is left at its default, config/paper_wt103.json
         proc = make(*variables)
-    return proc, work, text, files
+    return SimpleNamespace(proc=proc, work=work, text=text, files=files, ckpt=str(raw / "ckpt" / "checkpoint_last.pt"))
+
+
+@pytest.fixture(scope="module")
+def oracle(standin):
+    """What the run should have found, per split, recomputed without the run's code: the replayed LM (float64
+    adaptive softmax), the replayed queries, faiss's own search of the run's index for them, exact distances
+    from the dumped keys, values from the binarized train split; and the brute-force k nearest keys."""
+    import faiss
+
+    w = standin.work
+    assert standin.proc.returncode != 0 and (w / "out" / "metrics.json").exists(), standin.proc.output[-4000:]
+    model, task = load_adaptive(standin.ckpt)  # the checkpoint before its conversion to the 2019 format
+    softmax = AdaptiveSoftmax64(standin.ckpt)
+    o = SimpleNamespace(softmax=softmax, train=split_stream(w / "bin", "train", task.dictionary))
+    o.train_keys, _ = replay_features(model, o.train, *DUMP_WINDOW)
+    o.keys = np.load(w / "dstore" / "dstore" / "keys.npy")  # (N, C) float16, as dumped
+    faiss.omp_set_num_threads(1)
+    index = faiss.read_index(str(w / "dstore" / "dstore" / "index.faiss"))
+    faiss.extract_index_ivf(index).nprobe = PROBE
+    for split in ("valid", "test"):
+        s = SimpleNamespace(target=split_stream(w / "bin", split, task.dictionary))
+        s.queries, h = replay_features(model, s.target, *EVAL_WINDOW)
+        s.lm = softmax.target_log_probs(h, s.target)  # (n,) float64
+        _, s.ids = index.search(np.ascontiguousarray(s.queries, dtype=np.float32), K)  # (n, K)
+        assert (s.ids >= 0).all()
+        s.dist = exact_distances(s.queries, o.keys, s.ids)  # (n, K) float64
+        s.bf_dist, s.bf_ids = brute_force_knn(s.queries, o.keys, K)
+        setattr(o, split, s)
+    return o
+
+
+def exact_distances(queries, keys, ids):
+    """Squared L2 in float64 from each query to its neighbours' stored keys: (n, k)."""
+    x = keys[ids].astype(np.float64)  # (n, k, C)
+    return ((x - queries.astype(np.float64)[:, None]) ** 2).sum(-1)
 
 
 def n_tokens(text: str) -> int:
@@ -90,13 +152,11 @@ def n_tokens(text: str) -> int:
     return sum(len(line.split()) + 1 for line in text.splitlines())
 
 
-def knnlm_ppl(log_dir, k: int, temp: float, lmbda: float) -> float:
-    """Perplexity from a retrieval log, recomputed here in numpy: p = λ·softmax(-d/T) over the k neighbours whose
-    value is the target + (1-λ)·p_LM; a token with no neighbour keeps the LM's probability."""
-    tgt = np.load(os.path.join(log_dir, "target.npy")).astype(np.int64)  # (n,)
-    lm = np.load(os.path.join(log_dir, "lm_lp.npy")).astype(np.float64)  # (n,)
-    vals = np.load(os.path.join(log_dir, "vals.npy"))[:, :k]  # (n, k)
-    d = np.load(os.path.join(log_dir, "dist_exact.npy"))[:, :k].astype(np.float64)  # (n, k)
+def knnlm_ppl(tgt, lm, vals, d, k: int, temp: float, lmbda: float) -> float:
+    """Perplexity of λ·softmax(-d/T) over the k nearest neighbours whose value is the target + (1-λ)·p_LM, in
+    float64; a token with no neighbour keeps the LM's probability. vals, d: (n, >= k), nearest first."""
+    tgt, lm = np.asarray(tgt, dtype=np.int64), np.asarray(lm, dtype=np.float64)
+    vals, d = np.asarray(vals)[:, :k], np.asarray(d, dtype=np.float64)[:, :k]
     found = np.isfinite(d).any(1)
     logits = np.where(np.isfinite(d), -d / temp, -np.inf)
     logits -= np.where(found, logits.max(1), 0.0)[:, None]
@@ -108,7 +168,7 @@ def knnlm_ppl(log_dir, k: int, temp: float, lmbda: float) -> float:
 
 @pytest.mark.slow
 def test_full_target_on_the_standin_fails_against_the_paper(standin):
-    proc, work, _, _ = standin
+    proc, work = standin.proc, standin.work
     # the stand-in cannot reach the paper's perplexities: the target must say FAIL and exit non-zero
     assert proc.returncode != 0, proc.output[-4000:]
     assert "wikitext103-check: all checks passed" in proc.output
@@ -124,33 +184,92 @@ def test_full_target_on_the_standin_fails_against_the_paper(standin):
 
 
 @pytest.mark.slow
-def test_standin_numbers_are_what_the_run_should_produce(standin):
-    proc, work, text, _ = standin
+def test_standin_model_is_adaptive_like_the_papers(standin, oracle):
+    """The downloaded 2019 checkpoint is a tied adaptive-input / adaptive-softmax model, and the splits' targets
+    fall in its tail clusters too."""
+    import torch
+
+    state = torch.load(standin.work / "ckpt" / "model.pt", map_location="cpu", weights_only=False)
+    args = state["args"]
+    assert args.arch == "transformer_lm_wiki103" and args.adaptive_input and args.tie_adaptive_weights
+    assert args.adaptive_softmax_cutoff == args.adaptive_input_cutoff == CUTOFF and args.criterion == "adaptive_loss"
+    assert oracle.softmax.cutoff == [0, 200, 1000, len((standin.work / "ckpt" / "dict.txt").read_text().splitlines()) + 4]
+    for split in ("valid", "test"):
+        share = np.bincount(oracle.softmax.cluster(getattr(oracle, split).target), minlength=3) / len(
+            getattr(oracle, split).target)
+        assert (share[1:] > 0.08).all(), share  # measured: head 0.75, tails 0.11 and 0.13 (valid)
+
+
+@pytest.mark.slow
+def test_dump_is_the_replay(standin, oracle):
+    """Row for row, the dumped key of train token i is the replayed state that predicts it (dump windows)."""
+    assert oracle.keys.dtype == np.float16 and oracle.keys.shape == oracle.train_keys.shape
+    np.testing.assert_array_equal(np.load(standin.work / "dstore" / "dstore" / "vals.npy"), oracle.train)
+    expected = oracle.train_keys.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(oracle.keys.astype(np.float32), expected, rtol=2e-3, atol=2e-3)  # (a)
+    assert np.mean(oracle.keys.astype(np.float32) == expected) > 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_retrieval_log_is_the_replay(standin, oracle, split):
+    """What the run recorded per token: the replayed LM's log-prob (float64 adaptive softmax), faiss's neighbours
+    of the replayed query, their values in train, their distances recomputed from the dumped keys."""
+    s, log = getattr(oracle, split), standin.work / "dstore" / f"retrieval-{split}"
+
+    def load(name):
+        return np.load(log / f"{name}.npy")
+
+    np.testing.assert_array_equal(load("target"), s.target)
+    lm_err = np.abs(load("lm_lp") - s.lm)
+    assert lm_err.max() < 2e-5, (lm_err.max(), np.median(lm_err))  # float32 vs float64: measured max 1.5e-6
+    ids = load("ids")
+    np.testing.assert_array_equal(load("vals"), oracle.train[ids])
+    # the same neighbours (PQ codes tie, so their order may differ); measured: 99.6-99.8% of rows, 93% in order
+    mine, theirs = np.argsort(s.ids, 1), np.argsort(ids, 1)
+    same = (np.take_along_axis(s.ids, mine, 1) == np.take_along_axis(ids, theirs, 1)).all(1)
+    assert same.mean() > 0.99, same.mean()  # (a)
+    np.testing.assert_allclose(np.take_along_axis(load("dist_exact"), theirs, 1)[same],
+                               np.take_along_axis(s.dist, mine, 1)[same], rtol=1e-3, atol=1e-3)  # measured 3.5e-5
+
+
+@pytest.mark.slow
+def test_standin_numbers_are_what_the_run_should_produce(standin, oracle):
+    """Every perplexity the run reports, recomputed from the oracle (nothing read from the run's logs)."""
+    work, text = standin.work, standin.text
     m = json.loads((work / "out" / "metrics.json").read_text())
     vocab = len((work / "ckpt" / "dict.txt").read_text().splitlines()) + 4  # + fairseq's 4 special symbols
-    assert m["dstore"]["n"] == n_tokens(text["train"])  # one key per train token: the datastore is all of train
-    assert m["dstore"]["dim"] > 0 and m["index"]["factory"].startswith("IVF")  # IVF4096 scaled to the sample
+    assert m["dstore"]["n"] == n_tokens(text["train"]) == len(oracle.train)  # the datastore is all of train
+    assert m["dstore"]["dim"] > 0 and m["index"]["factory"] == "IVF780,PQ8"  # IVF4096 scaled to 30k keys
     for split in ("valid", "test"):
-        r, logs = m[split], work / "dstore" / f"retrieval-{split}"
-        assert r["n_tokens"] == n_tokens(text[split])  # every token of the split scored, once
+        r, s = m[split], getattr(oracle, split)
+        assert r["n_tokens"] == n_tokens(text[split]) == len(s.target)  # every token of the split scored, once
         # a trained model: far better than uniform over the vocabulary, and not degenerate
         assert 1 < r["base_ppl"] < vocab / 4, (r["base_ppl"], vocab)
-        # eval-lm's base perplexity is the LM log-probs the retrieval pass recorded
-        lm = np.load(logs / "lm_lp.npy").astype(np.float64)
-        assert r["base_ppl"] == pytest.approx(np.exp(-lm.mean()), abs=0.01)
-        # eval-lm's kNN-LM at the run's λ, T, k, and the sweep's tuned numbers, recomputed here from the neighbours
-        assert r["eval_lm_knnlm_ppl_exact"] == pytest.approx(knnlm_ppl(logs, K, TEMP, LMBDA), abs=0.01)
-        assert r["knnlm_ppl_exact"] == pytest.approx(knnlm_ppl(logs, K, r["best_temp"], r["best_lmbda"]), abs=0.01)
+        # the stock eval-lm's base perplexity is the float64 replay's
+        assert r["base_ppl"] == pytest.approx(np.exp(-s.lm.mean()), abs=0.01)
+        # eval-lm's kNN-LM at the run's λ, T, k, and the sweep's tuned numbers, from the index's neighbours
+        vals = oracle.train[s.ids]
+        # (reported to 2 decimals; measured within 0.007 of the oracle; faiss's IVF training varies between runs)
+        assert r["eval_lm_knnlm_ppl_exact"] == pytest.approx(knnlm_ppl(s.target, s.lm, vals, s.dist, K, TEMP, LMBDA),
+                                                             abs=0.02)  # (a), (b), (c)
+        assert r["knnlm_ppl_exact"] == pytest.approx(
+            knnlm_ppl(s.target, s.lm, vals, s.dist, K, r["best_temp"], r["best_lmbda"]), abs=0.02)
         assert r["eval_lm_knnlm_ppl_exact"] == pytest.approx(r["sweep_at_eval_settings_exact"], abs=0.01)
+        # and the IVF-PQ index comes close to the exact kNN-LM: brute force over every dumped key
+        bf = knnlm_ppl(s.target, s.lm, oracle.train[s.bf_ids], s.bf_dist, K, TEMP, LMBDA)
+        assert r["eval_lm_knnlm_ppl_exact"] == pytest.approx(bf, rel=0.02), bf  # measured 193.2 vs 194.0, 180.6 vs 180.9
+        recall = np.mean([b[0] in i for b, i in zip(s.bf_ids, s.ids)])
+        assert recall > 0.95, recall  # the true nearest key is among the index's 64: measured 0.98
     # λ is tuned on valid with λ=0 in its grid, so kNN-LM can only match or beat the LM there; on test the gain
-    # must carry over (measured 211.3 -> 174.7): retrieval that returned wrong values or keys would lose it
+    # must carry over (measured 221.6 -> 179.7): retrieval that returned wrong values or keys would lose it
     assert m["valid"]["knnlm_ppl_exact"] <= m["valid"]["base_ppl"] + 0.01
     assert m["test"]["knnlm_ppl_exact"] < 0.95 * m["test"]["base_ppl"]
 
 
 @pytest.mark.slow
 def test_standin_records_its_verified_sources(standin):
-    proc, work, _, files = standin
+    proc, work, files = standin.proc, standin.work, standin.files
     assert "dead/wikitext-103-v1.zip failed (curl exit 22, HTTP 404); trying the next URL" in proc.output
     m = json.loads((work / "out" / "metrics.json").read_text())
     data, ckpt = m["downloads"]
