@@ -114,12 +114,12 @@ def settings_and_defaults(a):
 
 
 def check_gate(a, gate) -> None:
-    """The live gate's own checks (components/gates.py), which import torch: after the cheaper refusals."""
-    from ..components.gates import SignalGate
+    """The gate's own checks, as the live gate makes them (core/adaptive.check_gate)."""
+    from ..core.adaptive import check_gate as check
 
     try:
-        SignalGate(**gate)
-    except ValueError as e:
+        check(**gate)
+    except KnnlmError as e:
         raise KnnlmError(f"--knn-settings {a.knn_settings}: {e}") from None
 
 

@@ -8,20 +8,13 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..core import signals
+from ..core import adaptive, signals
 from .base import Component, Step, Timed
 
 
 class SignalGate(Component):
     def __init__(self, signal: str, edges: Sequence[float], lmbdas: Sequence[float]):
-        if signal not in signals.SIGNALS:
-            raise ValueError(f"unknown signal '{signal}'; choose from {', '.join(signals.SIGNALS)}")
-        if len(lmbdas) != len(edges) + 1:
-            raise ValueError(f"{len(edges)} bucket edges need {len(edges) + 1} λ values, got {len(lmbdas)}")
-        if list(edges) != sorted(edges):
-            raise ValueError(f"bucket edges must increase, got {list(edges)}")
-        if any(not 0.0 <= lam < 1.0 for lam in lmbdas):
-            raise ValueError(f"every bucket's λ must be in [0, 1), got {list(lmbdas)}")
+        adaptive.check_gate(signal, edges, lmbdas)
         self.signal = signal
         self.edges = torch.tensor(list(edges), dtype=torch.float32)  # (B-1,)
         self.lmbdas = torch.tensor(list(lmbdas), dtype=torch.float32)  # (B,)

@@ -12,7 +12,22 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from .errors import KnnlmError
 from .sweep import mix_knn
+
+
+def check_gate(signal: str, edges: Sequence[float], lmbdas: Sequence[float]) -> None:
+    """A gate's definition, refused in one line when unusable (the live gate and knnlm-inspect both check it)."""
+    from .signals import SIGNALS
+
+    if signal not in SIGNALS:
+        raise KnnlmError(f"unknown gate signal '{signal}'; choose from {', '.join(SIGNALS)}")
+    if len(lmbdas) != len(edges) + 1:
+        raise KnnlmError(f"{len(edges)} gate bucket edges need {len(edges) + 1} λ values, got {len(lmbdas)}")
+    if list(edges) != sorted(edges):
+        raise KnnlmError(f"gate bucket edges must increase, got {list(edges)}")
+    if any(not 0.0 <= lam < 1.0 for lam in lmbdas):
+        raise KnnlmError(f"every gate bucket's λ must be in [0, 1), got {list(lmbdas)}")
 
 
 def bucket_edges(signal: np.ndarray, n_buckets: int) -> List[float]:

@@ -157,19 +157,39 @@ class Retriever:
 
 def open_retriever(dstore_dir: str, index_file: str, k: int, nprobe: int, exact: bool,
                    metric: Optional[str] = None, in_memory: bool = False, gpu: bool = False,
-                   threads: int = 0) -> Retriever:
+                   threads: int = 0, backend: str = "faiss", device: str = "auto",
+                   key_dtype: str = "float16") -> Retriever:
     """The retriever of --knnlm. in_memory: keys read into RAM (no page faults on exact distances); gpu: search
-    a GPU copy of the index (faiss-gpu); threads: faiss OpenMP threads (0: leave faiss's default)."""
+    a GPU copy of the index (faiss-gpu); threads: faiss OpenMP threads (0: leave faiss's default).
+
+    backend 'torch' (--knn-backend torch): an exact search over the datastore's keys held on `device` as `key_dtype`
+    (core/torch_search.py), the neighbours of a Flat index; the index itself is not read, only its checked sidecar,
+    which names the metric (and the identity retrieval logs and --knn-settings record). nprobe does not apply."""
+    if backend not in ("faiss", "torch"):
+        raise KnnlmError(f"unknown search backend '{backend}'; pass --knn-backend faiss or torch")
+    if backend == "faiss" and (device != "auto" or key_dtype != "float16"):
+        raise KnnlmError("--knn-device and --knn-torch-dtype set the torch search; add --knn-backend torch or drop them")
+    if backend == "torch" and gpu:
+        raise KnnlmError("--knn-gpu moves a faiss index to the GPU; --knn-backend torch searches on --knn-device "
+                         "(cuda: every visible GPU): drop --knn-gpu")
     if threads:
         faiss.omp_set_num_threads(threads)
     dstore = Datastore.open(dstore_dir, in_memory=in_memory)
     index_path = index_file if os.path.isabs(index_file) else os.path.join(dstore_dir, index_file)
-    index, meta = load_index(index_path, dstore)
+    if backend == "torch":
+        from .torch_search import TorchFlatIndex, index_metric
+
+        index, meta = None, {"metric": index_metric(index_path, dstore)}
+    else:
+        index, meta = load_index(index_path, dstore)
     if metric is not None and metric != meta["metric"]:
         raise KnnlmError(
             f"index {index_path} was built for '{meta['metric']}' similarity, not '{metric}'; "
             f"pass --knn-sim {meta['metric']} or rebuild with --metric {metric}"
         )
+    if backend == "torch":
+        index = TorchFlatIndex(dstore.key_parts, meta["metric"], device=device, key_dtype=key_dtype)
+        return Retriever(dstore, index, meta["metric"], k, exact)
     set_nprobe(index, nprobe)
     if gpu:
         index = to_gpu(index, nprobe)

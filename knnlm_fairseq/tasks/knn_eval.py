@@ -123,6 +123,23 @@ class KnnEvalConfig(LanguageModelingConfig):
     )
     knn_threads: int = field(default=0, metadata={"help": "faiss search threads (0: faiss's default, all cores)"})
     knn_gpu: bool = field(default=False, metadata={"help": "search a copy of the index on the GPU (faiss-gpu)"})
+    knn_backend: ChoiceEnum(["faiss", "torch"]) = field(
+        default="faiss",
+        metadata={"help": "faiss: search --index-file with faiss; torch: exact search in torch over the datastore's keys "
+                          "held on --knn-device, a Flat index's neighbours (for GPUs without faiss-gpu; the index is not "
+                          "read, only its sidecar's metric; --probe does not apply)"},
+    )
+    knn_torch_dtype: ChoiceEnum(["float16", "int8"]) = field(
+        default="float16",
+        metadata={"help": "keys as --knn-backend torch holds them: float16 (exact distances, 2 bytes a dim) or int8 "
+                          "with a per-dimension scale (1 byte a dim; distances of the dequantized keys)"},
+    )
+    knn_device: ChoiceEnum(["auto", "cpu", "cuda"]) = field(
+        default="auto",
+        metadata={"help": "where --knn-backend torch holds the keys and searches: auto (cuda when torch sees a GPU, "
+                          "whatever --cpu says, which the task cannot see; else cpu), cpu, or cuda (every visible GPU, "
+                          "rows split among them)"},
+    )
     dstore_in_memory: bool = field(
         default=False, metadata={"help": "read the keys into RAM instead of memory-mapping them (exact distances)"}
     )
@@ -177,7 +194,9 @@ class KnnEvalTask(LanguageModelingTask):
         if a.knnlm and self.retriever is None:  # opened (and checked) before any data is read
             self.retriever = open_retriever(a.dstore_dir, a.index_file, a.k, a.probe, exact=a.knn_dist == "exact",
                                             metric=None if a.knn_sim is None else str(a.knn_sim),
-                                            in_memory=a.dstore_in_memory, gpu=a.knn_gpu, threads=a.knn_threads)
+                                            in_memory=a.dstore_in_memory, gpu=a.knn_gpu, threads=a.knn_threads,
+                                            backend=str(a.knn_backend), device=str(a.knn_device),
+                                            key_dtype=str(a.knn_torch_dtype))
             self.retriever.dstore.check_compatible(
                 checkpoint_sha256=self._checkpoint()["sha256"],
                 dictionary_sha256=dictionary_sha256(self.dictionary.symbols),
@@ -223,10 +242,12 @@ class KnnEvalTask(LanguageModelingTask):
                                       self.dictionary.pad())
             if self.retriever is not None:  # logged here, where kNN-LM really runs (never under a generator)
                 a = self.args
+                target_only = any(getattr(c, "target_only", False) for c in model.pipeline.components)
+                mixing = "targets only" if target_only else "every word"  # as built, not as asked
                 logger.info(f"kNN-LM: {self.retriever.dstore.count:,} entries, k={a.k}, lmbda={a.lmbda}, "
                             f"T={a.knn_temp}, nprobe={a.probe}, {self.retriever.metric}, {a.knn_dist} distances, "
                             f"keys {'in RAM' if self.retriever.dstore.keys_in_memory else 'memory-mapped'}, "
-                            f"{self.retriever.threads} search threads")
+                            f"{self.retriever.threads} search threads, mixing {mixing}")
         if self.args.eval_tokens:
             itr = FirstTokens(itr, self.args.eval_tokens, self.dictionary.pad())
         if self.args.save_dstore and self._writer.skip:
