@@ -376,3 +376,12 @@ def test_ondisk_ivf_lists_search_like_the_in_memory_index(store, ivfpq, tmp_path
 def test_ondisk_needs_an_ivf_factory(store, tmp_path):
     with pytest.raises(KnnlmError, match="--ondisk needs an IVF factory"):
         ix.build_index(store, str(tmp_path / "flat.faiss"), factory="Flat", progress=False, ondisk=True)
+
+
+def test_build_index_gpu_without_faiss_gpu_is_one_line(store, tmp_path):
+    """knnlm-build-index --gpu on faiss-cpu: one line naming faiss-gpu (it was a NameError inside faiss), no file."""
+    proc = run_cli("knnlm-build-index", store.path, "--factory", "Flat", "--output", str(tmp_path / "g.faiss"),
+                   "--gpu", "--no-progress-bar", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.output
+    assert proc.stderr.strip().splitlines()[-1].startswith("knnlm-build-index: error: --gpu needs faiss-gpu")
+    assert not os.path.exists(tmp_path / "g.faiss")

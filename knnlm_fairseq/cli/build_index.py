@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     faiss.omp_set_num_threads(args.threads or os.cpu_count())
     out = args.output if os.path.isabs(args.output) else os.path.join(args.dstore_dir, args.output)
     try:
+        if args.gpu and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1):
+            raise KnnlmError("--gpu needs faiss-gpu and a visible GPU (this faiss has no GPU support); install with "
+                             "`make install FAISS=faiss-gpu`, or drop --gpu to build on the CPU")
         dstore = Datastore.open(args.dstore_dir)
         if not args.force:
             check_output_free(out)
