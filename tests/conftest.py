@@ -49,13 +49,13 @@ def pytest_runtest_setup(item):
 
 
 # ---- two workers (make test runs pytest-xdist -n 2 --dist loadfile): the longest files start first --------------
-# (measured with --durations; a long file collected last would leave one core idle at the end)
-LONGEST_FIRST = ["test_wikitext103_standin.py", "test_drivers_tiny.py", "test_e2e_cli.py", "test_readme.py",
-                 "test_wt2_shipped.py", "test_alignment_cli.py", "test_refusals_cli.py", "test_combinations_cli.py",
-                 "test_flags_cli.py", "test_resume_cli.py", "test_inspect_cli.py", "test_configs.py",
-                 "test_keytypes_cli.py", "test_experiment_e2e.py", "test_cache_cli.py", "test_multiworker_cli.py",
-                 "test_index_identity.py", "test_adaptive_oracle_cli.py", "test_cache_oracle_cli.py",
-                 "test_stock_generation.py", "test_legacy_checkpoint.py"]
+# (measured with --durations on 2026-12-04, 482 tests; a long file collected last would leave one core idle at the end)
+LONGEST_FIRST = ["test_drivers_tiny.py", "test_refusals_cli.py", "test_readme.py", "test_flags_cli.py", "test_e2e_cli.py",
+                 "test_wikitext103_standin.py", "test_inspect_cli.py", "test_wt2_shipped.py", "test_configs.py",
+                 "test_resume_cli.py", "test_keytypes_cli.py", "test_cache_cli.py", "test_multiworker_cli.py",
+                 "test_torch_search.py", "test_combinations_cli.py", "test_experiment_e2e.py", "test_index_identity.py",
+                 "test_stock_generation.py", "test_legacy_checkpoint.py", "test_cache_oracle_cli.py",
+                 "test_alignment_cli.py", "test_adaptive_oracle_cli.py", "test_scaling_config.py", "test_bad_inputs.py"]
 
 
 def pytest_collection_modifyitems(items):
