@@ -46,6 +46,10 @@ def load_model(ckpt: str):
 
     torch.set_num_threads(1)
     utils.import_user_module(SimpleNamespace(user_dir=USER_DIR))  # registers knnlm_tiny; safe-loads the checkpoint
+    # fairseq skips the registering imports when another test file of this worker imported knnlm_fairseq as a plain
+    # package first (it sees the module and logs "already imported"): import them here, whichever came first
+    import knnlm_fairseq.models  # noqa: F401
+    import knnlm_fairseq.tasks  # noqa: F401
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
     return models[0].eval(), task
 

@@ -104,6 +104,7 @@ def test_second_last_block_output_is_the_last_blocks_input(world):
     from fairseq import checkpoint_utils, utils
 
     utils.import_user_module(SimpleNamespace(user_dir=USER_DIR))  # registers the archs; safe-loads the checkpoint
+    import knnlm_fairseq.models  # noqa: F401  (fairseq skips it when the package was imported plainly first)
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([world.ckpt])
     model = models[0].eval()
     targets = torch.from_numpy(np.load(os.path.join(world.dstore["last_ffn_input"], "vals.npy")).astype(np.int64))
