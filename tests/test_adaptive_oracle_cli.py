@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from clis import USER_DIR, evaluated_tokens, loss_and_ppl, parallel, word_probs
-from test_alignment_cli import EOS, key_point, load_model, mix, run_cli, split_stream
+from test_alignment_cli import load_model, mix, replay_blocks, run_cli, split_stream
 
 TPS, CW, BSZ = 32, 16, 4  # several blocks per batch, a context window, a last partial block
 K, LMBDA, TEMP = 8, 0.5, 2.0
@@ -138,28 +138,13 @@ def load_adaptive(ckpt: str):
 
 def replay_features(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_ffn_input"):
     """Keys (n, C) float32 and the decoder's output features h (n, C) float32 (what the adaptive softmax reads),
-    block by block as eval-lm scores: block [s, e) of the targets reads inputs [max(0, s - cw), e)."""
-    import torch
-
+    block by block as eval-lm scores (test_alignment_cli.replay_blocks)."""
     assert model.decoder.adaptive_softmax is not None
-    source = np.concatenate([[EOS], stream[:-1]])
-    module, where = key_point(model, key_type)
-    seen = []
-    if where == "post":
-        handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     keys, feats = [], []
-    try:
-        with torch.no_grad():
-            for s in range(0, len(stream), tps - cw):
-                e, p = min(s + tps - cw, len(stream)), max(0, s - cw)
-                seen.clear()
-                x, _ = model.decoder.extract_features(torch.from_numpy(source[p:e])[None], None)  # (1, e - p, C)
-                feats.append(x[0, s - p:].float().numpy())
-                keys.append(seen[0][s - p:, 0].float().numpy())  # time-first (T, 1, C)
-    finally:
-        handle.remove()
+    for inputs, s, _, p, block_keys in replay_blocks(model, stream, tps, cw, key_type):
+        x, _ = model.decoder.extract_features(inputs, None)  # (1, e - p, C)
+        feats.append(x[0, s - p:].float().numpy())
+        keys.append(block_keys())
     return np.concatenate(keys), np.concatenate(feats)
 
 

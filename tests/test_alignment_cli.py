@@ -71,9 +71,10 @@ def key_point(model, key_type: str):
             "second_last_block_output": (layers[-1], "pre")}[key_type]
 
 
-def replay(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_ffn_input"):
-    """Keys (n, C) float32 and the LM's log-prob of every target (n,) float64, block by block as eval-lm
-    scores them: block [s, e) of the targets reads inputs [max(0, s - cw), e) of the shifted stream."""
+def replay_blocks(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_ffn_input"):
+    """Eval-lm's windows, replayed: for block [s, e) of the targets, yields (inputs [max(0, s - cw), e) of the
+    shifted stream as a (1, e - p) tensor, s, e, p, keys) where keys() is the key type's states of the scored
+    positions (e - s, C) once the caller has run the model on the inputs."""
     import torch
 
     source = np.concatenate([[EOS], stream[:-1]])  # input at position i is token i-1; the split starts after </s>
@@ -83,19 +84,28 @@ def replay(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_f
         handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
     else:
         handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    keys, lps = [], []
     try:
         with torch.no_grad():
             for s in range(0, len(stream), tps - cw):
                 e, p = min(s + tps - cw, len(stream)), max(0, s - cw)
                 seen.clear()
-                out = model(torch.from_numpy(source[p:e])[None])  # (1, e - p)
-                lp = model.get_normalized_probs(out, log_probs=True)[0]  # (e - p, V)
-                tgt = torch.from_numpy(stream[s:e])
-                lps.append(lp[s - p:].gather(1, tgt[:, None])[:, 0].double().numpy())
-                keys.append(seen[0][s - p:, 0].float().numpy())  # time-first (T, 1, C) -> the scored (e - s, C)
+                # time-first (T, 1, C) -> the scored (e - s, C)
+                yield torch.from_numpy(source[p:e])[None], s, e, p, lambda: seen[0][s - p:, 0].float().numpy()
     finally:
         handle.remove()
+
+
+def replay(model, stream: np.ndarray, tps: int, cw: int, key_type: str = "last_ffn_input"):
+    """Keys (n, C) float32 and the LM's log-prob of every target (n,) float64, block by block as eval-lm
+    scores them (replay_blocks)."""
+    import torch
+
+    keys, lps = [], []
+    for inputs, s, e, p, block_keys in replay_blocks(model, stream, tps, cw, key_type):
+        lp = model.get_normalized_probs(model(inputs), log_probs=True)[0]  # (e - p, V)
+        tgt = torch.from_numpy(stream[s:e])
+        lps.append(lp[s - p:].gather(1, tgt[:, None])[:, 0].double().numpy())
+        keys.append(block_keys())
     return np.concatenate(keys), np.concatenate(lps)
 
 
